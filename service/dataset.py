@@ -1,0 +1,756 @@
+"""Parquet access with :mod:`pyarrow.dataset`, never loading the whole dataset on the client.
+
+Two sides:
+
+* the client (planner, validation) opens a :class:`DatasetHandle`: file discovery,
+  schema (partition columns included), footers for validation and row-group
+  statistics, and filter expressions built from the spec's triples (never ``eval``);
+* a worker gets a small picklable :class:`SliceDescriptor` and calls
+  :func:`read_slice`, which reads only the listed files/row groups and columns, with the
+  job's filters and the strata predicate pushed down into the scan.
+
+Discovery rules for :func:`open_dataset`:
+
+* a file path is read as one Parquet file (whatever its name);
+* a folder is searched recursively for ``*.parquet``, ``*.parq`` and ``*.pq`` files;
+  names starting with ``.`` or ``_`` (``_SUCCESS``, ``.crc``, ...) are skipped;
+* a path containing ``*``, ``?`` or ``[`` is a glob (``**`` crosses folders); the
+  partition root is the folder before the first wildcard;
+* hive partitioning (``partitioning="hive"``) is used when every file sits below the
+  root in folders all named ``key=value``; ``__HIVE_DEFAULT_PARTITION__`` is a null;
+* ``scheme://`` URIs are opened with :meth:`pyarrow.fs.FileSystem.from_uri`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+__all__ = [
+    "DatasetError",
+    "DatasetHandle",
+    "SliceDescriptor",
+    "RowGroupStats",
+    "open_dataset",
+    "read_slice",
+    "read_slice_table",
+    "filter_expression",
+    "strata_expression",
+    "PARQUET_SUFFIXES",
+]
+
+#: File name suffixes recognised as Parquet when a folder is searched.
+PARQUET_SUFFIXES: tuple[str, ...] = (".parquet", ".parq", ".pq")
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_HIVE_DIR = re.compile(r"^[^=/]+=[^/]*$")
+_FOOTER_THREADS = 16
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be opened or read; the message names the path or file."""
+
+
+# ------------------------------------------------------------------ descriptors
+
+
+@dataclass(frozen=True)
+class SliceDescriptor:
+    """What a worker needs to read one task's rows: small, frozen and picklable.
+
+    Attributes
+    ----------
+    root : str
+        Dataset root (folder, or the file itself); a ``scheme://`` URI for remote data.
+        Hive partition values are parsed from file paths relative to it.
+    files : tuple of str
+        Files to read (paths in the root's filesystem).
+    row_groups : tuple or None
+        ``None`` (all row groups of every file), or one entry per file: a tuple of
+        row-group ids, or ``None`` for all of that file's row groups.
+    columns : tuple of str
+        Columns to return (the strata columns are always added).
+    filters : tuple
+        The spec's ``(column, op, value)`` triples.
+    strata_columns : tuple of str
+        Strata columns.
+    strata_values : tuple of tuple
+        One tuple of values (JSON form, as in :attr:`StratumPlan.values`) per stratum
+        included; rows of other strata are not returned.
+    partitioning : str or None
+        ``"hive"`` or ``None``.
+    partition_columns : tuple of str
+        Columns coming from hive folder names.
+    schema : bytes or None
+        The dataset schema (Arrow IPC), so every worker reads with the same types
+        instead of inferring them from its own subset of files.
+    """
+
+    root: str
+    files: tuple[str, ...]
+    row_groups: tuple[tuple[int, ...] | None, ...] | None
+    columns: tuple[str, ...]
+    filters: tuple = ()
+    strata_columns: tuple[str, ...] = ()
+    strata_values: tuple[tuple, ...] = ()
+    partitioning: str | None = None
+    partition_columns: tuple[str, ...] = ()
+    schema: bytes | None = None
+
+
+@dataclass(frozen=True)
+class RowGroupStats:
+    """Footer statistics of one row group for a few columns.
+
+    Attributes
+    ----------
+    file : str
+    row_group : int
+    num_rows : int
+    ranges : dict
+        Column → ``(min, max, null_count)``; ``min``/``max`` are ``None`` when the
+        footer has no statistics, ``null_count`` is ``None`` when unknown.
+    """
+
+    file: str
+    row_group: int
+    num_rows: int
+    ranges: dict[str, tuple[Any, Any, int | None]]
+
+
+# ------------------------------------------------------------------ discovery
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)``; local paths are made absolute."""
+    if _is_uri(path):
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except (pa.ArrowException, ValueError) as exc:
+            raise DatasetError(f"cannot open dataset {path}: {exc}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """Translate a glob (``*``, ``?``, ``[..]``, ``**``) to a regex over '/' paths."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[":
+            j = pattern.find("]", i + 2 if pattern[i + 1:i + 2] in ("!", "]") else i + 1)
+            if j < 0:
+                out.append(re.escape(c))
+                i += 1
+            else:
+                body = pattern[i + 1:j]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append("[" + body.replace("\\", "\\\\") + "]")
+                i = j + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith((".", "_")) and not _HIVE_DIR.match(part)
+               for part in relative.split("/"))
+
+
+def _relative(root: str, path: str) -> str:
+    root = root.rstrip("/")
+    return path[len(root) + 1:] if path.startswith(root + "/") else path
+
+
+def _list_files(fs: pafs.FileSystem, folder: str, original: str) -> list[str]:
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+    except (OSError, pa.ArrowException) as exc:
+        raise DatasetError(f"cannot list dataset folder {original}: {exc}") from None
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+
+def _discover(path: str) -> tuple[pafs.FileSystem, str, str, list[str], bool]:
+    """``(fs, root_for_descriptor, root_path, files, is_folder_or_glob)``."""
+    if not path:
+        raise DatasetError("empty dataset path")
+    match = _GLOB_CHARS.search(path)
+    if match:
+        cut = path.rfind("/", 0, match.start())
+        base = path[:cut] if cut > 0 else ("/" if cut == 0 else ".")
+        fs, base_path = _filesystem(base)
+        if not _is_uri(path):
+            pattern_path = os.path.join(base_path, path[cut + 1:] if cut >= 0 else path)
+        else:
+            pattern_path = base_path.rstrip("/") + "/" + path[cut + 1:]
+        info = fs.get_file_info(base_path)
+        if info.type != pafs.FileType.Directory:
+            raise DatasetError(f"dataset {path} not found (folder {base} does not exist)")
+        regex = _glob_regex(pattern_path)
+        files = [f for f in _list_files(fs, base_path, path)
+                 if regex.match(f) and not _hidden(_relative(base_path, f))]
+        if not files:
+            raise DatasetError(f"no Parquet files matched {path}")
+        root = base if _is_uri(path) else base_path
+        return fs, root, base_path, files, True
+    fs, local = _filesystem(path)
+    try:
+        info = fs.get_file_info(local)
+    except (OSError, pa.ArrowException) as exc:
+        raise DatasetError(f"cannot open dataset {path}: {exc}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise DatasetError(f"dataset {path} not found")
+    root = path.rstrip("/") if _is_uri(path) else local
+    if info.type == pafs.FileType.File:
+        return fs, root, local, [local], False
+    files = [f for f in _list_files(fs, local, path)
+             if f.lower().endswith(PARQUET_SUFFIXES) and not _hidden(_relative(local, f))]
+    if not files:
+        raise DatasetError(
+            f"no Parquet files in dataset folder {path} "
+            f"(looked for {', '.join('*' + s for s in PARQUET_SUFFIXES)}, recursively)"
+        )
+    return fs, root, local, files, True
+
+
+def _looks_hive(root_path: str, files: Sequence[str]) -> bool:
+    for f in files:
+        parts = _relative(root_path, f).split("/")[:-1]
+        if not parts or not all(_HIVE_DIR.match(p) for p in parts):
+            return False
+    return True
+
+
+def _footer(fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
+    """Read one file's footer; :class:`DatasetError` naming the file on failure."""
+    try:
+        with fs.open_input_file(path) as fh:
+            return pq.read_metadata(fh)
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise DatasetError(f"unreadable Parquet file {path}: {exc}") from None
+
+
+def _threaded(fn, items: Sequence[Any]) -> Iterator[Any]:
+    if len(items) <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=min(_FOOTER_THREADS, len(items))) as pool:
+        yield from pool.map(fn, items)
+
+
+# ------------------------------------------------------------------ handle
+
+
+class DatasetHandle:
+    """An opened Parquet dataset (metadata only; nothing is read until asked).
+
+    Use :func:`open_dataset` to create one.
+
+    Attributes
+    ----------
+    path : str
+        The path as given.
+    root : str
+        Partition root (folder, glob base or the file itself; URI for remote data).
+    files : tuple of str
+        Parquet files, sorted.
+    partitioning : str or None
+        ``"hive"`` or ``None``.
+    dataset : pyarrow.dataset.FileSystemDataset
+    filesystem : pyarrow.fs.FileSystem
+    """
+
+    def __init__(self, path: str, fs: pafs.FileSystem, root: str, root_path: str,
+                 files: Sequence[str], partitioning: str | None,
+                 dataset: ds.FileSystemDataset) -> None:
+        self.path = path
+        self.filesystem = fs
+        self.root = root
+        self._root_path = root_path
+        self.files = tuple(files)
+        self.partitioning = partitioning
+        self.dataset = dataset
+
+    def __repr__(self) -> str:
+        return (f"DatasetHandle({self.path!r}, files={len(self.files)}, "
+                f"partitioning={self.partitioning!r})")
+
+    @property
+    def schema(self) -> pa.Schema:
+        """Dataset schema, hive partition columns included (last)."""
+        return self.dataset.schema
+
+    @property
+    def partition_columns(self) -> tuple[str, ...]:
+        """Columns whose values come from hive folder names."""
+        part = self.dataset.partitioning
+        if part is None or self.partitioning is None:
+            return ()
+        return tuple(part.schema.names)
+
+    def filter_expression(self, filters: Iterable[Sequence[Any]]) -> ds.Expression | None:
+        """Expression for the spec's filter triples against this schema.
+
+        See :func:`filter_expression`.
+        """
+        return filter_expression(filters, self.schema)
+
+    def file_partitions(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(file, {partition column: value})`` for every file (``None`` = null folder)."""
+        cols = self.partition_columns
+        out = []
+        for frag in self.dataset.get_fragments():
+            keys = ds.get_partition_keys(frag.partition_expression) if cols else {}
+            out.append((frag.path, {c: keys.get(c) for c in cols}))
+        return out
+
+    def validate(self, columns: Iterable[str] | None = None) -> int:
+        """Read every file's footer (metadata only) and check it against the schema.
+
+        Parameters
+        ----------
+        columns : iterable of str, optional
+            Columns (other than partition columns) every file must contain.
+
+        Returns
+        -------
+        int
+            Total number of rows.
+
+        Raises
+        ------
+        DatasetError
+            Naming the first (in file order) unreadable file with pyarrow's error, a
+            file lacking a required column, or a column type that cannot be cast to the
+            dataset schema's.
+        """
+        needed = [c for c in (columns or ()) if c not in self.partition_columns]
+        schema = self.schema
+        total = 0
+
+        def check(path: str) -> tuple[str, Any]:
+            try:
+                return path, _footer(self.filesystem, path)
+            except DatasetError as exc:
+                return path, exc
+
+        for path, md in _threaded(check, list(self.files)):
+            if isinstance(md, DatasetError):
+                raise md
+            total += md.num_rows
+            try:
+                file_schema = md.schema.to_arrow_schema()
+            except (pa.ArrowException, ValueError) as exc:
+                raise DatasetError(f"unreadable schema in Parquet file {path}: {exc}") from None
+            for c in needed:
+                if c not in file_schema.names:
+                    raise DatasetError(f"Parquet file {path} has no column {c!r}")
+            for f in file_schema:
+                if f.name in schema.names and not f.type.equals(schema.field(f.name).type):
+                    target = schema.field(f.name).type
+                    try:
+                        pa.array([], type=f.type).cast(target)
+                    except (pa.ArrowException, ValueError):
+                        raise DatasetError(
+                            f"Parquet file {path}: column {f.name!r} has type {f.type}, "
+                            f"incompatible with {target} in the dataset schema"
+                        ) from None
+        return total
+
+    def row_group_stats(self, columns: Sequence[str],
+                        files: Sequence[str] | None = None) -> Iterator[RowGroupStats]:
+        """Footer statistics of ``columns`` for every row group (metadata only).
+
+        Parameters
+        ----------
+        columns : sequence of str
+            Non-partition columns (others are ignored).
+        files : sequence of str, optional
+            Default: all files.
+
+        Yields
+        ------
+        RowGroupStats
+            In file order, then row-group order.
+        """
+        wanted = [c for c in columns if c not in self.partition_columns]
+        for path, md in _threaded(lambda p: (p, _footer(self.filesystem, p)),
+                                  list(self.files if files is None else files)):
+            if md.num_row_groups == 0:
+                continue
+            first = md.row_group(0)
+            index = {first.column(j).path_in_schema: j for j in range(first.num_columns)}
+            for i in range(md.num_row_groups):
+                rg = md.row_group(i)
+                ranges: dict[str, tuple[Any, Any, int | None]] = {}
+                for c in wanted:
+                    j = index.get(c)
+                    st = rg.column(j).statistics if j is not None else None
+                    if st is None:
+                        ranges[c] = (None, None, None)
+                        continue
+                    nulls = st.null_count if st.has_null_count else None
+                    if st.has_min_max:
+                        try:
+                            ranges[c] = (st.min, st.max, nulls)
+                        except (pa.ArrowException, ValueError, UnicodeDecodeError):
+                            ranges[c] = (None, None, nulls)
+                    else:
+                        ranges[c] = (None, None, nulls)
+                yield RowGroupStats(path, i, rg.num_rows, ranges)
+
+    def descriptor(self, *, columns: Sequence[str], filters: Sequence = (),
+                   strata_columns: Sequence[str] = (), strata_values: Sequence[tuple] = (),
+                   files: Sequence[str] | None = None,
+                   row_groups: Sequence[tuple[int, ...] | None] | None = None,
+                   ) -> SliceDescriptor:
+        """Build a :class:`SliceDescriptor` for (a subset of) this dataset.
+
+        Parameters
+        ----------
+        columns, filters, strata_columns, strata_values, files, row_groups
+            See :class:`SliceDescriptor`; ``files`` defaults to every file.
+
+        Returns
+        -------
+        SliceDescriptor
+        """
+        files_t = tuple(self.files if files is None else files)
+        if row_groups is not None:
+            row_groups = tuple(None if r is None else tuple(int(i) for i in r) for r in row_groups)
+            if len(row_groups) != len(files_t):
+                raise ValueError("row_groups needs one entry per file")
+            if all(r is None for r in row_groups):
+                row_groups = None
+        return SliceDescriptor(
+            root=self.root,
+            files=files_t,
+            row_groups=row_groups,
+            columns=tuple(columns),
+            filters=tuple(tuple(t) for t in filters),
+            strata_columns=tuple(strata_columns),
+            strata_values=tuple(tuple(v) for v in strata_values),
+            partitioning=self.partitioning,
+            partition_columns=self.partition_columns,
+            schema=self.schema.serialize().to_pybytes(),
+        )
+
+
+def open_dataset(path: str | os.PathLike) -> DatasetHandle:
+    """Discover a Parquet dataset (see the module docstring for the rules).
+
+    Only the first file's footer is read (for the schema); call
+    :meth:`DatasetHandle.validate` to check every file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        File, folder, glob or URI.
+
+    Returns
+    -------
+    DatasetHandle
+
+    Raises
+    ------
+    DatasetError
+        Not found, no Parquet files matched, or an unreadable file (named).
+    """
+    path = os.fspath(path)
+    fs, root, root_path, files, is_folder = _discover(path)
+    hive = is_folder and _looks_hive(root_path, files)
+    partitioning = "hive" if hive else None
+    try:
+        dataset = ds.dataset(
+            files, format="parquet", filesystem=fs,
+            partitioning=ds.HivePartitioning.discover(infer_dictionary=False) if hive else None,
+            partition_base_dir=root_path if hive else None,
+        )
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        # find the culprit by name (schema inference reads one footer)
+        for f in files:
+            _footer(fs, f)
+        raise DatasetError(f"cannot open dataset {path}: {exc}") from None
+    return DatasetHandle(path, fs, root, root_path, files, partitioning, dataset)
+
+
+# ------------------------------------------------------------------ expressions
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return type(value).__name__
+
+
+def _scalar(column: str, value: Any, type_: pa.DataType) -> pa.Scalar:
+    """A scalar comparable with a column of ``type_`` (no silent str/number mix-ups)."""
+    t = type_.value_type if pa.types.is_dictionary(type_) else type_
+    kind = _kind(value)
+    textual = pa.types.is_string(t) or pa.types.is_large_string(t) or \
+        getattr(pa.types, "is_string_view", lambda _t: False)(t)
+    numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+    ok = (
+        (kind == "str" and (textual or pa.types.is_temporal(t)))
+        or (kind in ("int", "float") and numeric)
+        or (kind == "bool" and pa.types.is_boolean(t))
+    )
+    if not ok:
+        raise DatasetError(
+            f"value {value!r} ({kind}) is not comparable with column {column!r} of type {type_}"
+        )
+    try:
+        if kind == "str":
+            return pa.scalar(value).cast(t)
+        if kind == "int" and pa.types.is_integer(t):
+            try:
+                return pa.scalar(value, type=t)
+            except (pa.ArrowException, OverflowError):
+                return pa.scalar(value)
+        return pa.scalar(value)
+    except (pa.ArrowException, ValueError, OverflowError) as exc:
+        raise DatasetError(
+            f"value {value!r} cannot be read as {t} for column {column!r}: {exc}"
+        ) from None
+
+
+def _field_type(schema: pa.Schema, column: str) -> pa.DataType:
+    idx = schema.get_field_index(column)
+    if idx < 0:
+        raise DatasetError(f"unknown column {column!r} (columns: {', '.join(schema.names)})")
+    return schema.field(idx).type
+
+
+def _and_all(exprs: Sequence[ds.Expression]) -> ds.Expression | None:
+    return _reduce(list(exprs), lambda a, b: a & b)
+
+
+def _or_all(exprs: Sequence[ds.Expression]) -> ds.Expression | None:
+    return _reduce(list(exprs), lambda a, b: a | b)
+
+
+def _reduce(exprs: list, op) -> Any:
+    """Balanced reduction (no deep recursion for long lists)."""
+    if not exprs:
+        return None
+    while len(exprs) > 1:
+        exprs = [op(exprs[i], exprs[i + 1]) if i + 1 < len(exprs) else exprs[i]
+                 for i in range(0, len(exprs), 2)]
+    return exprs[0]
+
+
+def filter_expression(filters: Iterable[Sequence[Any]], schema: pa.Schema) -> ds.Expression | None:
+    """Build a :mod:`pyarrow.compute` expression from ``(column, op, value)`` triples.
+
+    Comparisons follow SQL: a row whose column is null never passes a filter (also not
+    ``!=`` or ``not in``). Values are cast to the column's type (ISO strings to dates and
+    timestamps); strings are never compared with numbers.
+
+    Parameters
+    ----------
+    filters : iterable of (str, str, value)
+        ``op`` is one of ``== != < <= > >= in not in``; ``value`` is a list/tuple for
+        ``in``/``not in``.
+    schema : pyarrow.Schema
+
+    Returns
+    -------
+    pyarrow.dataset.Expression or None
+        ``None`` when there are no filters.
+
+    Raises
+    ------
+    DatasetError
+        Unknown column or operator, or a value not comparable with the column.
+    """
+    exprs = []
+    for triple in filters:
+        column, op, value = triple
+        t = _field_type(schema, column)
+        f = pc.field(column)
+        if op in ("in", "not in"):
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            scalars = [_scalar(column, v, t) for v in values]
+            kinds = {s.type for s in scalars}
+            arr = pa.array([s.as_py() for s in scalars], type=kinds.pop() if len(kinds) == 1 else None)
+            e = f.isin(arr)
+            exprs.append(e if op == "in" else (~e & f.is_valid()))
+            continue
+        s = _scalar(column, value, t)
+        if op == "==":
+            exprs.append(f == s)
+        elif op == "!=":
+            exprs.append(f != s)
+        elif op == "<":
+            exprs.append(f < s)
+        elif op == "<=":
+            exprs.append(f <= s)
+        elif op == ">":
+            exprs.append(f > s)
+        elif op == ">=":
+            exprs.append(f >= s)
+        else:
+            raise DatasetError(f"unknown filter operator {op!r} for column {column!r}")
+    return _and_all(exprs)
+
+
+def strata_expression(strata_columns: Sequence[str], strata_values: Sequence[Sequence[Any]],
+                      schema: pa.Schema) -> ds.Expression | None:
+    """Rows belonging to exactly the listed strata.
+
+    Parameters
+    ----------
+    strata_columns : sequence of str
+    strata_values : sequence of tuple
+        One value tuple per stratum (JSON form; ``None`` for null).
+    schema : pyarrow.Schema
+
+    Returns
+    -------
+    pyarrow.dataset.Expression or None
+        ``None`` without strata columns. A per-column ``isin`` (which lets pyarrow skip
+        row groups by their statistics) and, for several columns, the exact
+        combinations.
+    """
+    if not strata_columns:
+        return None
+    per_column = []
+    for j, c in enumerate(strata_columns):
+        t = _field_type(schema, c)
+        vals = {v[j] for v in strata_values}
+        present = [v for v in vals if v is not None]
+        parts = []
+        if present:
+            scal = [_scalar(c, v, t) for v in sorted(present, key=repr)]
+            parts.append(pc.field(c).isin(pa.array([s.as_py() for s in scal], type=scal[0].type)))
+        if None in vals:
+            parts.append(pc.field(c).is_null())
+        per_column.append(_or_all(parts) if parts else pc.scalar(False))
+    expr = _and_all(per_column)
+    if len(strata_columns) > 1 and len(strata_values) > 1:
+        combos = []
+        for values in strata_values:
+            terms = [pc.field(c).is_null() if v is None else pc.field(c) == _scalar(c, v, _field_type(schema, c))
+                     for c, v in zip(strata_columns, values)]
+            combos.append(_and_all(terms))
+        expr = expr & _or_all(combos)
+    return expr
+
+
+# ------------------------------------------------------------------ worker side
+
+
+def _filesystem_for_root(root: str) -> tuple[pafs.FileSystem, str]:
+    return _filesystem(root)
+
+
+def _descriptor_dataset(d: SliceDescriptor) -> tuple[ds.Dataset, pa.Schema]:
+    fs, root_path = _filesystem_for_root(d.root)
+    schema = pa.ipc.read_schema(pa.py_buffer(d.schema)) if d.schema is not None else None
+    partitioning: Any = None
+    if d.partitioning == "hive":
+        if schema is not None and d.partition_columns:
+            partitioning = ds.HivePartitioning(pa.schema([schema.field(c) for c in d.partition_columns]))
+        else:
+            partitioning = ds.HivePartitioning.discover(infer_dictionary=False)
+    try:
+        dataset = ds.dataset(list(d.files), schema=schema, format="parquet", filesystem=fs,
+                             partitioning=partitioning,
+                             partition_base_dir=root_path if partitioning is not None else None)
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        for f in d.files:
+            _footer(fs, f)
+        raise DatasetError(f"cannot open slice of dataset {d.root}: {exc}") from None
+    if d.row_groups is not None:
+        wanted = dict(zip(d.files, d.row_groups))
+        frags = []
+        for frag in dataset.get_fragments():
+            rg = wanted.get(frag.path)
+            frags.append(frag if rg is None else frag.subset(row_group_ids=list(rg)))
+        dataset = ds.FileSystemDataset(frags, dataset.schema, dataset.format, fs)
+    return dataset, dataset.schema
+
+
+def read_slice_table(descriptor: SliceDescriptor) -> pa.Table:
+    """Read one slice as an Arrow table (see :func:`read_slice`).
+
+    Parameters
+    ----------
+    descriptor : SliceDescriptor
+
+    Returns
+    -------
+    pyarrow.Table
+    """
+    d = descriptor
+    if not d.files:
+        raise DatasetError(f"slice of dataset {d.root} lists no files")
+    dataset, schema = _descriptor_dataset(d)
+    columns = list(dict.fromkeys([*d.columns, *d.strata_columns]))
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise DatasetError(f"dataset {d.root} has no column(s) {', '.join(map(repr, missing))}")
+    expr = _and_all([e for e in (filter_expression(d.filters, schema),
+                                 strata_expression(d.strata_columns, d.strata_values, schema))
+                     if e is not None])
+    try:
+        return dataset.to_table(columns=columns, filter=expr)
+    except (OSError, pa.ArrowException) as exc:
+        raise DatasetError(f"reading slice of dataset {d.root} failed: {exc}") from None
+
+
+def read_slice(descriptor: SliceDescriptor) -> pd.DataFrame:
+    """Read one task's rows (runs on a worker).
+
+    Reads only ``descriptor.files`` (and row groups), only ``columns`` plus the strata
+    columns, with the job's filters and the strata predicate pushed down into the
+    scan. Dictionary columns become pandas categoricals; hive partition columns are
+    ordinary columns.
+
+    Parameters
+    ----------
+    descriptor : SliceDescriptor
+
+    Returns
+    -------
+    pandas.DataFrame
+
+    Raises
+    ------
+    DatasetError
+        A file is missing or unreadable (named), or a column is missing.
+    """
+    return read_slice_table(descriptor).to_pandas()
