@@ -39,7 +39,10 @@ class StratumResult:
     fit : dict or None
         Columns of the ``fits`` table: nobs, ngroups (JSON dict), loglik, aic, bic,
         deviance, converged, singular, max_grad, evaluations, elapsed, warnings (list),
-        optinfo (JSON dict), formula, family, link, method.
+        optinfo (JSON dict), formula, family, link, method; optionally reml, sigma,
+        hessian_pd (``storage.rows.FIT_COLUMNS``). Missing keys are stored as NULL,
+        unknown keys are rejected; NaN/inf floats are stored as NULL. Required for
+        ``succeeded``/``not_converged``; must be None (and the lists empty) for ``failed``.
     coefficients : list of dict
         term, estimate, std_error, statistic, p_value, conf_low, conf_high.
     variance : list of dict
@@ -76,3 +79,4 @@ class JobRecord:
     finished_at: Any
     n_strata: int | None = None
     message: str | None = None
+    heartbeat_at: Any = None

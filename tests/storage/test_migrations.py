@@ -1,0 +1,117 @@
+"""Migrations: one head, applied migrations equal the models, upgrades are idempotent."""
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from storage import Store
+from storage.migrate import alembic_config, heads
+from storage.models import metadata
+
+TABLES = {"jobs", "strata", "fits", "coefficients", "variance_components", "random_effects"}
+
+
+# fork is fast; the parent holds no open connections when it forks (stores are disposed).
+MP_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+def _diffs(url: str) -> list:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            return compare_metadata(ctx, metadata)
+    finally:
+        engine.dispose()
+
+
+def _tables(url: str) -> set[str]:
+    engine = sa.create_engine(url)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_single_head():
+    assert len(heads()) == 1
+
+
+def test_migrations_match_models(store_url):
+    with Store(store_url) as store:
+        store.upgrade()
+    assert _diffs(store_url) == []
+    assert _tables(store_url) == TABLES | {"alembic_version"}
+
+
+def test_upgrade_is_idempotent(store_url):
+    with Store(store_url) as store:
+        store.upgrade()
+        job, _ = store.submit_job(name="j", spec={}, spec_hash="h")
+        store.upgrade()
+        assert store.get_job(job.id).name == "j"
+
+
+def test_downgrade_then_upgrade(store_url):
+    with Store(store_url) as store:
+        store.upgrade()
+    engine = sa.create_engine(store_url)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), "base")
+    engine.dispose()
+    assert _tables(store_url) <= {"alembic_version"}
+    with Store(store_url) as store:
+        store.upgrade()
+    assert _diffs(store_url) == []
+
+
+def test_every_foreign_key_is_indexed():
+    for table in metadata.tables.values():
+        leading = {idx.columns[0].name for idx in table.indexes}
+        leading |= {
+            c.columns[0].name for c in table.constraints if isinstance(c, sa.UniqueConstraint)
+        }
+        for fk in table.foreign_keys:
+            assert fk.parent.name in leading, f"{table.name}.{fk.parent.name} not indexed"
+
+
+def _upgrade(url: str) -> str:
+    with Store(url) as store:
+        store.upgrade()
+    return "ok"
+
+
+@pytest.mark.slow
+def test_concurrent_upgrades_from_processes(store_url):
+    ctx = multiprocessing.get_context(MP_START)
+    with ctx.Pool(3) as pool:
+        assert pool.map(_upgrade, [store_url] * 3) == ["ok"] * 3
+    assert _diffs(store_url) == []
+
+
+def test_concurrent_upgrades_from_threads(store_url):
+    stores = [Store(store_url) for _ in range(4)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(stores))
+
+    def run(store: Store) -> None:
+        barrier.wait()
+        try:
+            store.upgrade()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stores:
+        s.dispose()
+    assert errors == []
+    assert _diffs(store_url) == []

@@ -1,0 +1,263 @@
+"""Strata ledger and results: resume, idempotent re-recording, NULL for NaN, read_table."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from storage import InvalidRecordError, StaleAttemptError, Store, StratumPlan, StratumResult
+from storage.models import Coefficient, Fit, RandomEffect, VarianceComponent
+
+KEYS = ["region=north/year=2021", "region=north/year=2022", "region=south/year=2021",
+        "region=south/year=2022", "region=west/year=2021"]
+
+
+def _plans(keys=KEYS) -> list[StratumPlan]:
+    return [
+        StratumPlan(k, dict(part.split("=") for part in k.split("/")), 100 + i)
+        for i, k in enumerate(keys)
+    ]
+
+
+def _result(key: str, shift: float = 0.0, status: str = "succeeded") -> StratumResult:
+    """A Gaussian random-slope fit: 2 coefficients, 4 variance rows, 3 groups x 2 modes."""
+    return StratumResult(
+        key=key,
+        status=status,
+        fit={
+            "nobs": 180, "ngroups": {"Subject": 3}, "loglik": -875.97 + shift,
+            "aic": 1763.94, "bic": 1783.1, "deviance": 1751.94, "converged": status == "succeeded",
+            "singular": False, "max_grad": 1e-6, "evaluations": 57, "elapsed": 0.05,
+            "warnings": [] if status == "succeeded" else ["max|grad| 0.3 > tol"],
+            "optinfo": {"optimizer": "L-BFGS-B", "final": [0.93, 0.02, 0.23],
+                        "final_gradient": [1e-7, float("nan"), 2e-7]},
+            "formula": "Reaction ~ Days + (Days | Subject)", "family": "gaussian",
+            "link": "identity", "method": "ML", "reml": False, "sigma": 25.6,
+        },
+        coefficients=[
+            {"term": "(Intercept)", "estimate": 251.4 + shift, "std_error": 6.63,
+             "statistic": 37.9, "p_value": 0.0, "conf_low": 238.4, "conf_high": 264.4},
+            {"term": "Days", "estimate": 10.47, "std_error": 1.50, "statistic": 6.97,
+             "p_value": 3e-12, "conf_low": 7.5, "conf_high": 13.4},
+        ],
+        variance=[
+            {"grp": "Subject", "term1": "(Intercept)", "term2": None, "variance": 565.5,
+             "sd": 23.78, "correlation": None},
+            {"grp": "Subject", "term1": "Days", "term2": None, "variance": 32.68, "sd": 5.72,
+             "correlation": None},
+            {"grp": "Subject", "term1": "(Intercept)", "term2": "Days", "variance": 11.06,
+             "sd": None, "correlation": 0.081},
+            {"grp": "Residual", "term1": None, "term2": None, "variance": 654.9, "sd": 25.59,
+             "correlation": None},
+        ],
+        ranef=[
+            {"grp": "Subject", "level": lvl, "term": term, "mode": 1.0 + shift, "cond_sd": 12.0}
+            for lvl in ("308", "309", "310")
+            for term in ("(Intercept)", "Days")
+        ],
+    )
+
+
+@pytest.fixture
+def running(store):
+    job, _ = store.submit_job(name="j", spec={}, spec_hash="h")
+    job = store.claim_job("w")
+    store.register_strata(job.id, job.attempt, _plans())
+    return job
+
+
+def _count(store: Store, model, **where) -> int:
+    engine = sa.create_engine(store.url)
+    try:
+        with engine.connect() as conn:
+            query = sa.select(sa.func.count()).select_from(model)
+            for col, value in where.items():
+                query = query.where(getattr(model, col) == value)
+            return conn.execute(query).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_register_is_idempotent(store, running):
+    assert store.get_job(running.id).n_strata == 5
+    store.record_results(running.id, running.attempt, [_result(KEYS[0])])
+    # Re-registering (e.g. on resume) with one new stratum adds it, keeps existing rows.
+    store.register_strata(running.id, running.attempt, _plans(KEYS + ["region=east/year=2021"]))
+    assert store.get_job(running.id).n_strata == 6
+    progress = store.progress(running.id)
+    assert progress == {"pending": 5, "succeeded": 1, "not_converged": 0, "failed": 0,
+                        "total": 6}
+
+
+def test_register_many_strata_in_chunks(store):
+    store.submit_job(name="big", spec={}, spec_hash="h")
+    job = store.claim_job("w")
+    keys = [f"k={i:05d}" for i in range(2500)]
+    store.register_strata(job.id, job.attempt, [StratumPlan(k, {"k": i}, i) for i, k in
+                                                enumerate(keys)])
+    assert store.get_job(job.id).n_strata == 2500
+    pending = store.pending_strata(job.id)
+    assert [p.key for p in pending] == keys
+    assert pending[7] == StratumPlan("k=00007", {"k": 7}, 7)
+
+
+def test_resume_returns_unrecorded_strata(store, running):
+    assert [p.key for p in store.pending_strata(running.id)] == KEYS
+    done = [KEYS[3], KEYS[0], KEYS[4]]
+    assert store.record_results(running.id, running.attempt, [_result(k) for k in done]) == 3
+    pending = store.pending_strata(running.id)
+    assert [p.key for p in pending] == [KEYS[1], KEYS[2]]
+    assert pending[0].values == {"region": "north", "year": "2022"}
+    assert pending[0].nrows == 101
+
+
+def test_rerecording_a_stratum_replaces_its_rows(store, running):
+    key = KEYS[1]
+    store.record_results(running.id, running.attempt, [_result(key)])
+    store.record_results(running.id, running.attempt, [_result(key, shift=1.0)])
+    # The same key twice in one batch keeps the last.
+    store.record_results(running.id, running.attempt, [_result(key, 5.0), _result(key, 2.0)])
+    assert _count(store, Fit, job_id=running.id) == 1
+    engine = sa.create_engine(store.url)
+    with engine.connect() as conn:
+        fit_id = conn.execute(sa.select(Fit.id)).scalar_one()
+    engine.dispose()
+    assert _count(store, Coefficient) == 2 == _count(store, Coefficient, fit_id=fit_id)
+    assert _count(store, VarianceComponent) == 4
+    assert _count(store, RandomEffect) == 6
+    coefs = store.read_table(running.id, "coefficients")
+    assert coefs["estimate"].tolist() == pytest.approx([253.4, 10.47])
+    strata = store.read_table(running.id, "strata").set_index("stratum")
+    assert strata.loc[key, "attempts"] == 3 and strata.loc[key, "status"] == "succeeded"
+
+
+def test_failed_result_replaces_an_earlier_fit(store, running):
+    key = KEYS[0]
+    store.record_results(running.id, running.attempt, [_result(key)])
+    failed = StratumResult(key, "failed", error_class="DataError",
+                           error_message="column 'y' has 3 levels; binomial needs 2")
+    store.record_results(running.id, running.attempt, [failed])
+    assert _count(store, Fit) == 0 and _count(store, Coefficient) == 0
+    assert _count(store, RandomEffect) == 0
+    row = store.read_table(running.id, "strata").set_index("stratum").loc[key]
+    assert (row["status"], row["error_class"]) == ("failed", "DataError")
+    assert "3 levels" in row["error_message"]
+
+
+def test_nan_and_inf_are_stored_as_null(store, running):
+    r = _result(KEYS[0])
+    fit = {**r.fit, "loglik": float("nan"), "aic": float("inf"), "bic": np.float64("-inf"),
+           "max_grad": np.nan, "nobs": np.int64(180), "converged": np.bool_(True)}
+    coefs = [{**r.coefficients[0], "std_error": float("nan"), "p_value": np.float64("nan")}]
+    res = StratumResult(r.key, "succeeded", fit=fit, coefficients=coefs,
+                        variance=r.variance, ranef=r.ranef)
+    store.record_results(running.id, running.attempt, [res])
+    engine = sa.create_engine(store.url)
+    with engine.connect() as conn:
+        f = conn.execute(sa.select(Fit.loglik, Fit.aic, Fit.bic, Fit.max_grad, Fit.nobs,
+                                   Fit.converged, Fit.optinfo, Fit.deviance)).one()
+        c = conn.execute(sa.select(Coefficient.std_error, Coefficient.p_value,
+                                   Coefficient.estimate)).one()
+        v = conn.execute(sa.select(VarianceComponent.correlation)).scalars().all()
+    engine.dispose()
+    assert (f.loglik, f.aic, f.bic, f.max_grad) == (None, None, None, None)
+    assert (f.nobs, f.converged, f.deviance) == (180, True, 1751.94)
+    assert f.optinfo["final_gradient"] == [1e-7, None, 2e-7]  # JSON NaN -> null
+    assert (c.std_error, c.p_value, c.estimate) == (None, None, 251.4)
+    assert v == [None, None, 0.081, None]
+    fits = store.read_table(running.id, "fits")
+    assert math.isnan(fits.loc[0, "loglik"]) and fits["loglik"].dtype == "float64"
+
+
+def test_read_table_shapes_and_order(store, running):
+    results = [_result(KEYS[4]), _result(KEYS[0]),
+               _result(KEYS[2], status="not_converged"),
+               StratumResult(KEYS[1], "failed", error_class="FormulaError", error_message="x")]
+    store.record_results(running.id, running.attempt, results)
+    fitted = [KEYS[0], KEYS[2], KEYS[4]]
+    fits = store.read_table(running.id, "fits")
+    assert fits.shape == (3, 23)
+    assert fits.columns[0] == "stratum" and fits["stratum"].tolist() == fitted
+    assert {"id", "job_id", "stratum_id"}.isdisjoint(fits.columns)
+    assert fits["converged"].tolist() == [True, False, True]
+    assert fits.loc[0, "ngroups"] == {"Subject": 3}
+    assert fits.loc[1, "warnings"] == ["max|grad| 0.3 > tol"]
+    coefs = store.read_table(running.id, "coefficients")
+    assert list(coefs.columns) == ["stratum", "term", "estimate", "std_error", "statistic",
+                                   "p_value", "conf_low", "conf_high"]
+    assert coefs.shape == (6, 8)
+    assert coefs["stratum"].tolist() == [k for k in fitted for _ in range(2)]
+    assert coefs["term"].tolist() == ["(Intercept)", "Days"] * 3  # natural order kept
+    var = store.read_table(running.id, "variance")
+    assert list(var.columns) == ["stratum", "grp", "term1", "term2", "variance", "sd",
+                                 "correlation"]
+    assert var.shape == (12, 7) and var["grp"].tolist()[:4] == ["Subject"] * 3 + ["Residual"]
+    ranef = store.read_table(running.id, "ranef")
+    assert list(ranef.columns) == ["stratum", "grp", "level", "term", "mode", "cond_sd"]
+    assert ranef.shape == (18, 6)
+    strata = store.read_table(running.id, "strata")
+    assert list(strata.columns) == ["stratum", "values", "nrows", "status", "attempts",
+                                    "error_class", "error_message", "updated_at"]
+    assert strata["stratum"].tolist() == KEYS
+    assert strata["status"].tolist() == ["succeeded", "failed", "not_converged", "pending",
+                                         "succeeded"]
+    assert strata.loc[0, "values"] == {"region": "north", "year": "2021"}
+    with pytest.raises(ValueError, match="valid: fits, coefficients, variance, ranef, strata"):
+        store.read_table(running.id, "random_effects")
+
+
+def test_read_table_empty_job(store, running):
+    for name, ncol in [("fits", 23), ("coefficients", 8), ("variance", 7), ("ranef", 6)]:
+        frame = store.read_table(running.id, name)
+        assert frame.shape == (0, ncol) and isinstance(frame, pd.DataFrame)
+
+
+def test_random_effects_can_be_skipped(store, running):
+    store.record_results(running.id, running.attempt, [_result(KEYS[0])],
+                         store_random_effects=False)
+    assert store.read_table(running.id, "ranef").empty
+    assert len(store.read_table(running.id, "coefficients")) == 2
+
+
+def test_mark_strata_error_keeps_strata_pending(store, running):
+    store.record_results(running.id, running.attempt, [_result(KEYS[0])])
+    n = store.mark_strata_error(running.id, running.attempt, KEYS[:2], "KilledWorker", "boom")
+    assert n == 1  # KEYS[0] already has a result: untouched
+    strata = store.read_table(running.id, "strata").set_index("stratum")
+    assert strata.loc[KEYS[1], "status"] == "pending"
+    assert strata.loc[KEYS[1], "attempts"] == 1
+    assert strata.loc[KEYS[1], "error_class"] == "KilledWorker"
+    assert strata.loc[KEYS[0], "attempts"] == 1
+    assert [p.key for p in store.pending_strata(running.id)] == KEYS[1:]
+
+
+INVALID = [
+    (StratumResult(KEYS[0], "done"), "unknown stratum status 'done'"),
+    (StratumResult(KEYS[0], "pending"), "must be one of failed, not_converged, succeeded"),
+    (StratumResult(KEYS[0], "succeeded"), "needs a 'fit' dict"),
+    (StratumResult(KEYS[0], "failed", fit={"nobs": 1}), "carries no estimates"),
+    (StratumResult(KEYS[0], "succeeded", fit={"nobs": 1, "AIC": 3.0}),
+     r"unknown column\(s\) \['AIC'\]"),
+    (StratumResult(KEYS[0], "succeeded", fit={}, coefficients=[{"estimate": 1.0}]),
+     r"coefficients\[0\]: missing required column\(s\) \['term'\]"),
+    (StratumResult(KEYS[0], "succeeded", fit={"optinfo": {"f": object()}}), "'optinfo'"),
+    (StratumResult("region=nowhere", "failed"), "unregistered strata"),
+]
+
+
+def test_invalid_results_write_nothing(store, running):
+    good = _result(KEYS[1])
+    for result, match in INVALID:
+        with pytest.raises(InvalidRecordError, match=match):
+            store.record_results(running.id, running.attempt, [good, result])
+    assert _count(store, Fit) == 0
+    assert store.progress(running.id)["pending"] == 5
+
+
+def test_record_results_is_fenced_before_writing(store, running):
+    with pytest.raises(StaleAttemptError):
+        store.record_results(running.id, running.attempt + 1, [_result(KEYS[0])])
+    assert _count(store, Fit) == 0
