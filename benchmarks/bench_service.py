@@ -1,0 +1,370 @@
+"""Issue #5: end-to-end service throughput, worker scaling and coordinator memory.
+
+Dataset (e): hive-partitioned Parquet, ~2,000 rows per stratum (``datasets.
+write_service_dataset``: the service's own ``service.demo.write_demo_dataset`` with 40
+doctors x 25..75 patients per region, no broken regions), at 200 and 2,000 strata.
+
+For each size and each worker count (1 and 2) it runs, in a fresh subprocess with a
+fresh SQLite store::
+
+    stratafit run SPEC --workers N --store sqlite:///... --no-progress
+
+(the CLI's ``main()`` called by a small wrapper that reports the process's own peak RSS
+from ``getrusage`` / ``VmHWM`` when it exits; a psutil sampler in this process watches
+the same PID as a cross-check). The coordinator process hosts the Dask scheduler of the
+local cluster; worker processes are its children and are NOT counted in its RSS (their
+summed peak is reported separately).
+
+Measured:
+
+* end-to-end fits/s = strata / wall time of the whole command (cluster start-up, planning,
+  fitting, writing results); also fits/s over the job's own started_at..finished_at, and
+  the median time per fit the service itself recorded (``fits.elapsed`` in the store),
+  and "fit busy" = sum of ``fits.elapsed`` / (workers x job time): the share of the
+  workers' time spent inside ``fitting.fit`` (the rest is reading, converting, waiting);
+* speedup 2 vs 1 workers (target >= 1.8);
+* coordinator peak RSS at both sizes (target: does not grow with the dataset; the
+  check passes when peak(2,000) / peak(200) <= 1.25);
+* efficiency = end-to-end fits/s / the fitter's own fits/s on the same number of cores
+  (target >= 80%). The fitter's own throughput: N processes, each loading a share of a
+  sample of strata into memory first (not timed) and then timing a plain loop of
+  ``fitting.fit`` over them; the N rates are summed.
+
+    python benchmarks/bench_service.py [--quick] [--sizes 200,2000] [--workers 1,2]
+        [--fitter-sample 200] [--keep]
+"""
+from __future__ import annotations
+
+import _common  # noqa: F401  (must come first: pins thread pools)
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _common import (OUT_DIR, REPO, check, fmt_ratio, header, machine_info, ratio, table,
+                     write_json)
+
+import datasets
+
+DATA_DIR = OUT_DIR / "data"
+
+WRAPPER = r"""
+import json, resource, sys
+from service.cli import main
+rc = 1
+try:
+    rc = main(sys.argv[1:])
+finally:
+    hwm = None
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
+    except OSError:
+        pass
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print("COORDINATOR_RUSAGE: " + json.dumps({"maxrss_kb": ru.ru_maxrss, "vmhwm_kb": hwm,
+          "utime_s": ru.ru_utime, "stime_s": ru.ru_stime}), file=sys.stderr, flush=True)
+sys.exit(rc)
+"""
+
+
+# ---------------------------------------------------------------------------------------
+# data + spec
+# ---------------------------------------------------------------------------------------
+def dataset(n_strata: int, rows_per_stratum: int) -> dict:
+    """Write (or reuse) the size-``n_strata`` dataset under benchmarks/out/data/."""
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    path = DATA_DIR / f"service-{n_strata}"
+    meta_path = DATA_DIR / f"service-{n_strata}.json"
+    want = {"n_strata": n_strata, "rows_per_stratum": rows_per_stratum}
+    if meta_path.exists() and path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("params") == want:
+            return meta
+    if path.exists():
+        shutil.rmtree(path)
+    t0 = time.perf_counter()
+    info = datasets.write_service_dataset(path, n_strata=n_strata, rows_per_stratum=rows_per_stratum)
+    info["params"] = want
+    info["write_s"] = time.perf_counter() - t0
+    info["bytes"] = sum(f.stat().st_size for f in path.rglob("*.parquet"))
+    meta_path.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def write_spec(info: dict, where: Path) -> Path:
+    spec = where / f"bench-{info['n_strata']}.toml"
+    spec.write_text(
+        f'name = "bench-service-{info["n_strata"]}"\n'
+        f"dataset = {json.dumps(str(Path(info['path']).resolve()))}\n"
+        f"formula = {json.dumps(info['formula'])}\n"
+        f"family = {json.dumps(info['family'])}\n"
+        f"strata = {json.dumps(list(info['strata_columns']))}\n"
+        'method = "laplace"\n'
+        "store_random_effects = true\n"
+    )
+    return spec
+
+
+# ---------------------------------------------------------------------------------------
+# one end-to-end run
+# ---------------------------------------------------------------------------------------
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak = 0
+        self.peak_children = 0
+        self.stop_evt = threading.Event()
+
+    def run(self):
+        try:
+            import psutil
+        except ImportError:
+            return
+        try:
+            p = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self.stop_evt.is_set():
+            try:
+                self.peak = max(self.peak, p.memory_info().rss)
+                kids = 0
+                for c in p.children(recursive=True):
+                    try:
+                        kids += c.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak_children = max(self.peak_children, kids)
+            except psutil.Error:
+                break
+            self.stop_evt.wait(self.interval)
+
+
+def run_service(spec: Path, n_strata: int, workers: int, workdir: Path, timeout: float) -> dict:
+    db = workdir / f"store-{n_strata}-{workers}.db"
+    if db.exists():
+        db.unlink()
+    url = f"sqlite:///{db}"
+    cmd = [sys.executable, "-c", WRAPPER, "run", str(spec), "--workers", str(workers),
+           "--store", url, "--no-progress"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    sampler = RssSampler(p.pid)
+    sampler.start()
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        err += f"\n(timed out after {timeout:.0f}s)"
+    wall = time.perf_counter() - t0
+    sampler.stop_evt.set()
+    sampler.join(1)
+
+    rusage = {}
+    for line in err.splitlines():
+        if line.startswith("COORDINATOR_RUSAGE: "):
+            rusage = json.loads(line.split(": ", 1)[1])
+    res = {
+        "n_strata": n_strata, "workers": workers, "exit_code": p.returncode, "wall_s": wall,
+        "stdout_tail": out.strip().splitlines()[-3:], "stderr_tail": [
+            ln for ln in err.strip().splitlines() if not ln.startswith("COORDINATOR_RUSAGE")][-5:],
+        "coordinator_peak_rss_mb": (rusage.get("vmhwm_kb") or rusage.get("maxrss_kb") or 0) / 1024 or None,
+        "coordinator_cpu_s": (rusage.get("utime_s") or 0) + (rusage.get("stime_s") or 0) if rusage else None,
+        "psutil_peak_rss_mb": sampler.peak / 2**20 if sampler.peak else None,
+        "psutil_peak_children_rss_mb": sampler.peak_children / 2**20 if sampler.peak_children else None,
+    }
+    # what the store says
+    try:
+        from service.api import open_store, results
+
+        st = open_store(url)
+        job = st.get_job(1)
+        res["job_status"] = job.status
+        res["job_message"] = job.message
+        if job.started_at is not None and job.finished_at is not None:
+            res["job_s"] = (job.finished_at - job.started_at).total_seconds()
+        fits = results(job.id, "fits", store=st)
+        res["n_results"] = len(fits)
+        if "elapsed" in fits.columns and len(fits):
+            el = fits["elapsed"].astype(float)
+            res["fit_elapsed_sum_s"] = float(el.sum())  # time inside the fitter, all strata
+            res["fit_elapsed_median_ms"] = float(el.median() * 1e3)
+        if "converged" in fits.columns:
+            res["n_converged"] = int(fits["converged"].fillna(False).astype(bool).sum())
+        strata = results(job.id, "strata", store=st)
+        if "status" in strata.columns:
+            res["strata_status_counts"] = {str(k): int(v) for k, v in strata["status"].value_counts().items()}
+    except Exception as e:  # the store is the service's business; report, don't fail
+        res["store_error"] = f"{type(e).__name__}: {e}"
+    res["fits_per_s"] = n_strata / wall if p.returncode == 0 else None
+    res["fits_per_s_job"] = n_strata / res["job_s"] if res.get("job_s") and p.returncode == 0 else None
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# the fitter's own throughput on the same cores
+# ---------------------------------------------------------------------------------------
+def _fitter_worker(files: list[str], formula: str, family: str) -> tuple[int, float, int]:
+    import _common  # noqa: F401  (thread pins in the child too)
+    import warnings
+
+    import pyarrow.parquet as pq
+
+    import fitting
+
+    frames = [pq.read_table(f).to_pandas() for f in files]  # not timed
+    fitting.fit(formula, frames[0], family=family)  # warm-up
+    n_ok = 0
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for df in frames:
+            try:
+                fitting.fit(formula, df, family=family)
+                n_ok += 1
+            except Exception:
+                pass
+    return len(frames), time.perf_counter() - t0, n_ok
+
+
+def fitter_throughput(info: dict, workers: int, sample: int) -> dict:
+    files = sorted(str(f) for f in Path(info["path"]).rglob("*.parquet"))
+    if sample and len(files) > sample:
+        step = len(files) / sample
+        files = [files[int(i * step)] for i in range(sample)]
+    chunks = [files[i::workers] for i in range(workers)]
+    with cf.ProcessPoolExecutor(max_workers=workers) as ex:
+        outs = list(ex.map(_fitter_worker, chunks, [info["formula"]] * workers,
+                           [info["family"]] * workers))
+    rate = sum(n / t for n, t, _ in outs if t > 0)
+    return {"workers": workers, "strata_fitted": sum(n for n, _, _ in outs),
+            "n_ok": sum(k for _, _, k in outs), "per_process": [{"n": n, "s": t} for n, t, _ in outs],
+            "fits_per_s": rate}
+
+
+# ---------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="sizes 50,200; fitter sample 50")
+    ap.add_argument("--sizes", default=None, help="comma list of strata counts (default 200,2000)")
+    ap.add_argument("--workers", default="1,2", help="comma list of worker counts (default 1,2)")
+    ap.add_argument("--rows-per-stratum", type=int, default=2000)
+    ap.add_argument("--fitter-sample", type=int, default=None,
+                    help="strata sampled for the fitter's own throughput (default 200, quick 50)")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="per run, seconds")
+    ap.add_argument("--keep", action="store_true", help="keep the SQLite stores (in benchmarks/out/service-runs)")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in (args.sizes or ("50,200" if args.quick else "200,2000")).split(",")]
+    workers = [int(w) for w in args.workers.split(",")]
+    sample = args.fitter_sample or (50 if args.quick else 200)
+
+    info = machine_info()
+    print(header("bench_service (issue #5): stratafit run end to end", info))
+    try:
+        import fitting  # noqa: F401
+        from service import cli  # noqa: F401
+
+        fitting.fit  # noqa: B018
+    except Exception as e:
+        print(f"service or fitter not available ({type(e).__name__}: {e}); nothing to measure")
+        write_json("bench_service", {"benchmark": "bench_service", "machine": info,
+                                     "error": f"{type(e).__name__}: {e}"})
+        return 1
+
+    workdir = OUT_DIR / "service-runs" if args.keep else Path(tempfile.mkdtemp(prefix="stratafit-bench-svc-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    runs, fitter, data = [], {}, {}
+    try:
+        for n in sizes:
+            d = dataset(n, args.rows_per_stratum)
+            data[n] = d
+            print(f"dataset {n} strata: {d.get('n_rows')} rows, {d.get('bytes', 0) / 2**20:.1f} MiB "
+                  f"({d['writer']}), {d['formula']} by {d['strata_columns']}", flush=True)
+            spec = write_spec(d, workdir)
+            for w in workers:
+                r = run_service(spec, n, w, workdir, args.timeout)
+                runs.append(r)
+                print(f"  run {n} strata, {w} worker(s): exit {r['exit_code']}, {r['wall_s']:.1f} s, "
+                      f"status {r.get('job_status')}, peak RSS {r['coordinator_peak_rss_mb']} MB",
+                      file=sys.stderr, flush=True)
+                if r["exit_code"] != 0:
+                    print("    stderr:", " | ".join(r["stderr_tail"]), file=sys.stderr)
+            for w in workers:
+                if (n, w) not in fitter:
+                    fitter[(n, w)] = fitter_throughput(d, w, sample)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    rows = []
+    for r in runs:
+        f = fitter.get((r["n_strata"], r["workers"]), {})
+        eff = ratio(r["fits_per_s"], f.get("fits_per_s"))
+        r["fitter_fits_per_s"] = f.get("fits_per_s")
+        r["efficiency"] = eff
+        # share of the workers' job time spent inside fitting.fit (service's own record)
+        busy = ratio(r.get("fit_elapsed_sum_s"), (r.get("job_s") or 0) * r["workers"])
+        r["worker_fit_busy"] = busy
+        rows.append([
+            r["n_strata"], r["workers"], r["exit_code"], r.get("job_status", "?"),
+            f"{r['wall_s']:.1f}",
+            "-" if r["fits_per_s"] is None else f"{r['fits_per_s']:.1f}",
+            "-" if r.get("fits_per_s_job") is None else f"{r['fits_per_s_job']:.1f}",
+            "-" if f.get("fits_per_s") is None else f"{f['fits_per_s']:.1f}",
+            "-" if eff is None else f"{100 * eff:.0f}% {check(eff, 0.8)}",
+            "-" if r.get("fit_elapsed_median_ms") is None else f"{r['fit_elapsed_median_ms']:.1f}",
+            "-" if busy is None else f"{100 * busy:.0f}%",
+            "-" if not r["coordinator_peak_rss_mb"] else f"{r['coordinator_peak_rss_mb']:.0f}",
+            "-" if not r["psutil_peak_children_rss_mb"] else f"{r['psutil_peak_children_rss_mb']:.0f}",
+        ])
+    print()
+    print(table(["strata", "workers", "exit", "job", "wall s", "e2e fits/s", "job fits/s",
+                 "fitter fits/s", "e2e/fitter", "ms/fit in svc", "fit busy", "coord RSS MB",
+                 "workers RSS MB"], rows, align="rrrlrrrrrrrrr"))
+
+    summary = {"speedup_2v1": {}, "rss_growth": None}
+    srows = []
+    by = {(r["n_strata"], r["workers"]): r for r in runs}
+    for n in sizes:
+        a, b = by.get((n, 1)), by.get((n, 2))
+        sp = ratio(b and b["fits_per_s"], a and a["fits_per_s"])
+        summary["speedup_2v1"][n] = sp
+        srows.append([f"speedup 2 vs 1 workers, {n} strata", fmt_ratio(sp), ">= 1.8", check(sp, 1.8)])
+    if len(sizes) >= 2:
+        lo, hi = min(sizes), max(sizes)
+        peaks = {n: max((r["coordinator_peak_rss_mb"] or 0) for r in runs if r["n_strata"] == n) for n in (lo, hi)}
+        g = ratio(peaks[hi], peaks[lo])
+        summary["rss_growth"] = {"sizes": [lo, hi], "peak_mb": peaks, "ratio": g}
+        srows.append([f"coordinator peak RSS {hi} / {lo} strata", fmt_ratio(g), "<= 1.25 (flat)",
+                      check(g, 1.25, higher_is_better=False)])
+    effs = [r["efficiency"] for r in runs if r["efficiency"] is not None]
+    if effs:
+        srows.append(["worst e2e / fitter throughput", f"{100 * min(effs):.0f}%", ">= 80%", check(min(effs), 0.8)])
+    print()
+    print(table(["measure", "value", "target", "check"], srows, align="lrrl"))
+
+    payload = {"benchmark": "bench_service", "issue": 5, "machine": info, "args": vars(args),
+               "datasets": {str(k): v for k, v in data.items()}, "runs": runs,
+               "fitter": {f"{n}x{w}": v for (n, w), v in fitter.items()}, "summary": summary}
+    path = write_json("bench_service", payload)
+    print(f"\nJSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
