@@ -1,0 +1,90 @@
+"""Helpers shared by the fit drivers (:mod:`fitting.api`, :mod:`fitting.glmm_fit`)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["SNAP", "LOOSE_GTOL", "start_vector", "ngroups", "information_criteria", "vcov_frame",
+           "is_pd", "newton_step", "zero_small_diagonals"]
+
+#: a diagonal θ below this in absolute value is tried at exactly 0
+SNAP = 1e-3
+#: with a final Hessian, BFGS stops at this whitened gradient and a Newton step finishes
+LOOSE_GTOL = 1e-3
+
+
+def start_vector(ctl, key, size, what):
+    """``control["start"][key]`` as a checked float vector, or None."""
+    st = ctl["start"] or {}
+    if st.get(key) is None:
+        return None
+    v = np.asarray(st[key], dtype=float).ravel()
+    if v.size != size or not np.all(np.isfinite(v)):
+        raise ValueError(f"control['start'][{key!r}] must have {size} finite values ({what}), got {v.size}")
+    return v
+
+
+def ngroups(struct) -> dict:
+    """Number of levels per grouping factor, lme4 order."""
+    return {t.group: t.m for t in struct.terms}
+
+
+def information_criteria(loglik, df, n):
+    """(AIC, BIC)."""
+    return -2.0 * loglik + 2.0 * df, -2.0 * loglik + np.log(n) * df
+
+
+def vcov_frame(V, names):
+    """vcov as a DataFrame labelled by term on both axes."""
+    return pd.DataFrame(V, index=list(names), columns=list(names))
+
+
+def is_pd(H) -> bool:
+    """Finite and positive definite (a Cholesky factor exists)."""
+    try:
+        np.linalg.cholesky(H)
+        return bool(np.all(np.isfinite(H)))
+    except np.linalg.LinAlgError:
+        return False
+
+
+def newton_step(struct, z, H, g):
+    """Newton step ``H⁻¹g`` over the free parameters, or None if ``H`` is not PD there.
+
+    θ entries of a column of ``Λ`` whose diagonal is exactly 0 (a boundary fit) stay fixed:
+    the deviance is flat to first order along them.
+    """
+    free = np.ones(z.size, dtype=bool)
+    for t in struct.terms:
+        rows, cols = t.tril
+        seg = z[t.theta_offset:t.theta_offset + t.ntheta]
+        for c in range(t.k):
+            d = np.flatnonzero((rows == c) & (cols == c))[0]
+            if seg[d] == 0.0:
+                free[t.theta_offset + np.flatnonzero(cols == c)] = False
+    Hf = H[np.ix_(free, free)]
+    try:
+        L = np.linalg.cholesky(Hf)
+    except np.linalg.LinAlgError:
+        return None
+    step = np.zeros(z.size)
+    step[free] = np.linalg.solve(L.T, np.linalg.solve(L, g[free]))
+    if not np.all(np.isfinite(step)):
+        return None
+    return step
+
+
+def zero_small_diagonals(struct, theta):
+    """θ with near-zero diagonal entries (and the rest of their column) set to 0."""
+    small = struct.diag_theta & (np.abs(theta) < SNAP) & (theta != 0)
+    if not small.any():
+        return None
+    cand = theta.copy()
+    for t in struct.terms:
+        rows, cols = t.tril
+        seg = cand[t.theta_offset:t.theta_offset + t.ntheta]
+        for c in range(t.k):
+            d = np.flatnonzero((rows == c) & (cols == c))[0]
+            if small[t.theta_offset + d]:
+                seg[cols == c] = 0.0
+    return cand

@@ -1,0 +1,256 @@
+"""Laplace GLMM fit: GLM start → whitened (θ, β) → L-BFGS → Hessian → FitResult.
+
+The optimiser works in whitened coordinates (:func:`fitting.optimize.minimize_whitened`):
+``(θ, β) = z0 + C x`` with ``C'HC ≈ I`` from a finite-difference Hessian of the analytic
+gradient at the start. θ is unbounded: the Laplace deviance is unchanged when a column of
+``Λ`` changes sign (the modes flip with it), so no iterate gets stuck on the ``θ = 0`` bound
+where the gradient vanishes by symmetry. At the end θ is made canonical (non-negative
+diagonal) and a near-zero diagonal is set to zero when that does not raise the deviance.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from . import inference, linalg
+from .errors import ConvergenceError
+from .fitcommon import (LOOSE_GTOL, information_criteria, is_pd, newton_step, ngroups,
+                        start_vector, vcov_frame, zero_small_diagonals)
+from .glm import fit_glm
+from .glmm import GlmmModel, laplace, laplace_gradient, pirls
+from .optimize import Affine, bfgs, hessian_along, minimize_whitened
+from .response import make_response
+from .result import Diagnostics, FitResult, OptInfo
+from .structure import build_structure
+
+__all__ = ["LaplaceObjective", "ModeState", "StartHessian", "fit_glmm", "THETA_START_SCALE"]
+
+#: GLMM start: ``Λ = 0.5 I`` (lme4 starts at ``I``; 0.5 needs fewer evaluations here)
+THETA_START_SCALE = 0.5
+_FD_STEP = 1e-4
+
+
+@dataclass(frozen=True)
+class ModeState:
+    """Warm-start state of the Laplace objective: the last point, its modes and ``dû/dz``."""
+
+    z: np.ndarray
+    u: np.ndarray
+    J: np.ndarray | None
+    ev: object = None  # the LaplaceEval at z (reused at the end of the optimisation)
+
+    def predict(self, z: np.ndarray) -> np.ndarray:
+        """First-order prediction of ``û(z)`` (falls back to the last modes on big moves)."""
+        if self.J is None:
+            return self.u
+        du = self.J @ (z - self.z)
+        if not np.all(np.isfinite(du)) or np.abs(du).max() > 1.0:
+            return self.u
+        return self.u + du
+
+
+@dataclass(frozen=True, eq=False)
+class LaplaceObjective:
+    """``obj(z, state) -> (deviance, gradient, state)`` over ``z = (θ, β)``.
+
+    ``state`` (a :class:`ModeState` or None) is the explicit warm start passed in and
+    out: PIRLS starts from the last modes (or from those predicted at ``z`` when the state
+    carries ``dû/dz``).
+    """
+
+    model: GlmmModel
+    pirls_tol: float
+
+    def __call__(self, z, state):
+        nt = self.model.ntheta
+        u0 = None if state is None else state.predict(z)
+        # dû/dz is not worth its cost between BFGS steps (measured); it is computed at the
+        # estimate, where it predicts the modes for every finite-difference Hessian point
+        ev = laplace(self.model, z[:nt], z[nt:], u0, tol=self.pirls_tol)
+        if ev.gradient is None:
+            return np.inf, None, state
+        return ev.deviance, ev.gradient, ModeState(np.array(z, dtype=float), ev.pirls.u, ev.jacobian, ev)
+
+
+@dataclass(frozen=True, eq=False)
+class StartHessian:
+    """Approximate Hessian of the Laplace deviance at the start, for whitening.
+
+    The θ columns (and so the θβ block) by forward differences of the analytic gradient
+    (one gradient per θ); the ββ block is ``2 RX'RX``, the Hessian of the penalised
+    deviance profiled over ``u`` (exact up to the small curvature of ``log|L|²`` in β),
+    which costs no evaluation.
+    """
+
+    model: GlmmModel
+    pirls_tol: float
+
+    def __call__(self, z0, g0, state):
+        model = self.model
+        nt = model.ntheta
+        d = z0.size
+        H = np.empty((d, d))
+        for j in range(nt):
+            h = _FD_STEP * max(1.0, abs(z0[j]))
+            zj = z0.copy()
+            zj[j] += h
+            ev = laplace(model, zj[:nt], zj[nt:], state.predict(zj), tol=self.pirls_tol)
+            H[:, j] = np.nan if ev.gradient is None else (ev.gradient - g0) / h
+        H[:nt, nt:] = H[nt:, :nt].T
+        H[:nt, :nt] = 0.5 * (H[:nt, :nt] + H[:nt, :nt].T)
+        pr = pirls(model, z0[:nt], z0[nt:], state.u, tol=self.pirls_tol)
+        fb = linalg.fixed_blocks(model.struct, pr.fac, pr.V, pr.ev.W, model.X)
+        H[nt:, nt:] = 2.0 * fb.R.T @ fb.R
+        return H, nt + 1
+
+
+def _finish(model, struct, z, state, fun, tol):
+    """Canonical θ (and a zero diagonal when no worse), and the evaluation there.
+
+    Returns
+    -------
+    z, ev, evaluations
+    """
+    nt = struct.ntheta
+    theta = inference.canonical_theta(struct, z[:nt])
+    u = inference.flip_u(struct, z[:nt], theta, state.u)
+    beta = z[nt:]
+    nev = 0
+    cand = zero_small_diagonals(struct, theta)
+    if cand is not None:
+        evs = laplace(model, cand, beta, u, tol=tol, gradient=False)
+        nev += 1
+        if evs.deviance <= fun + 1e-7:
+            theta = cand
+    zf = np.concatenate([theta, beta])
+    if state.ev is not None and np.array_equal(zf, state.z):
+        ev = state.ev
+        if ev.jacobian is None:
+            grad, J = laplace_gradient(model, ev.pirls, jacobian=True)
+            ev = replace(ev, gradient=grad, jacobian=J)
+    else:
+        ev = laplace(model, theta, beta, u, tol=tol, jacobian=True)
+        nev += 1
+    if ev.gradient is None:
+        raise ConvergenceError("Laplace deviance not finite at the estimate")
+    return zf, ev, nev
+
+
+
+
+def fit_glmm(design, fam, formula, ctl, t0) -> FitResult:
+    """Laplace fit of a GLMM design (called by :func:`fitting.api.fit`)."""
+    resp = make_response(design.y, design.weights, design.offset, fam)
+    struct = build_structure(design.re_terms, design.nobs)
+    model = GlmmModel(struct, design.X, resp)
+    nt, p = struct.ntheta, design.p
+    tol = float(ctl["pirls_tol"])
+    theta0 = start_vector(ctl, "theta", nt, "covariance parameters")
+    beta0 = start_vector(ctl, "beta", p, "fixed effects")
+    glm = fit_glm(design.X, resp, beta0=beta0)
+    if beta0 is None:
+        beta0 = glm.beta
+    if theta0 is None:
+        theta0 = THETA_START_SCALE * struct.theta_start()
+    z0 = np.concatenate([theta0, beta0])
+    T = np.eye(nt + p)
+    T[nt:, nt:] = np.linalg.inv(glm.R)  # β first scaled by the GLM information
+    obj = LaplaceObjective(model, tol)
+    gtol = float(ctl["gtol"])
+    want_h = ctl["se"] == "hessian"
+    try:
+        wres = minimize_whitened(obj, z0, T, state=None, maxiter=int(ctl["maxiter"]),
+                                 gtol=max(gtol, LOOSE_GTOL) if want_h else gtol,
+                                 hessian=StartHessian(model, tol))
+    except FloatingPointError:
+        raise ConvergenceError("Laplace deviance is not finite at the starting values "
+                               f"(theta={theta0.tolist()}, beta={np.round(beta0, 6).tolist()})") from None
+    out = wres.outcome
+    if not np.isfinite(out.fun):
+        raise ConvergenceError("Laplace deviance not finite at any evaluated point")
+    evaluations, status, message, log = out.evaluations, out.status, out.message, list(out.log)
+    z, ev, n_final = _finish(model, struct, wres.z, out.state, out.fun, tol)
+    H = None
+    if want_h:
+        if out.evaluations <= 1 and np.allclose(z, z0, rtol=0, atol=1e-10):
+            H = wres.H0
+        else:
+            mstate = ModeState(z.copy(), ev.pirls.u, ev.jacobian)
+
+            def grad(zz):
+                g = laplace(model, zz[:nt], zz[nt:], mstate.predict(zz), tol=tol).gradient
+                if g is None:
+                    raise ConvergenceError("Laplace deviance not finite near the estimate")
+                return g
+
+            H = hessian_along(grad, z, wres.C, ev.gradient, _FD_STEP)
+            n_final += nt + p
+        polished = False
+        step = newton_step(struct, z, H, ev.gradient)
+        if step is not None:
+            # a Newton step with the Hessian just computed finishes the optimisation
+            zn = z - step
+            evn = laplace(model, zn[:nt], zn[nt:], ModeState(z, ev.pirls.u, ev.jacobian).predict(zn),
+                          tol=tol, jacobian=True)
+            n_final += 1
+            if (evn.gradient is not None and evn.deviance <= ev.deviance + 1e-10
+                    and np.array_equal(inference.canonical_theta(struct, zn[:nt]), zn[:nt])):
+                z, ev, polished = zn, evn, True
+        if not polished and np.abs(wres.C.T @ ev.gradient).max() > gtol:
+            # resume the quasi-Newton iterations to the requested tolerance
+            more = bfgs(Affine(obj, z, wres.C), np.zeros(z.size),
+                        state=ModeState(z.copy(), ev.pirls.u, ev.jacobian, ev),
+                        maxiter=int(ctl["maxiter"]), gtol=gtol)
+            evaluations += more.evaluations
+            log += list(more.log)
+            status, message = more.status, more.message
+            if np.isfinite(more.fun) and more.fun <= ev.deviance:
+                z, ev, k = _finish(model, struct, z + wres.C @ more.x, more.state, more.fun, tol)
+                n_final += k
+    theta, beta = z[:nt], z[nt:]
+    pr = ev.pirls
+    hpd = is_pd(H) if H is not None else None
+    warn = list(design.warnings)
+    V = None
+    if ctl["se"] == "hessian":
+        V, _ = inference.vcov_from_hessian(H, nt)
+        if V is None:
+            warn.append("Hessian not positive definite: standard errors from RX (conditional on theta)")
+    if V is None:
+        fb = linalg.fixed_blocks(struct, pr.fac, pr.V, pr.ev.W, design.X)
+        V = inference.vcov_from_rx(fb.R, 1.0)
+    se = np.sqrt(np.diag(V))
+    dev = ev.deviance
+    loglik = -0.5 * dev
+    aic, bic = information_criteria(loglik, p + nt, design.nobs)
+    singular = inference.is_singular(struct, theta, float(ctl["check_singular_tol"]))
+    grad_ok, maxmin = inference.scaled_gradient_ok(ev.gradient, H if hpd else None)
+    if not grad_ok:
+        warn.append(f"Model failed to converge with max|grad| = {maxmin:.6g} (tol = 0.002)")
+    if hpd is False and not singular:
+        warn.append("Hessian of the Laplace deviance is not positive definite")
+    if not pr.converged:
+        warn.append(f"PIRLS did not converge in {pr.iterations} iterations at the estimate")
+    if status != 0:
+        warn.append(f"optimizer: {message}")
+    converged = status == 0 and grad_ok and (hpd is not False or singular) and pr.converged
+    elapsed = time.perf_counter() - t0
+    opt = OptInfo(
+        "BFGS", evaluations, elapsed, tuple(map(float, ev.gradient)), message,
+        tuple(map(float, z0)), tuple(map(float, z)), status,
+        extra={"objective": "Laplace", "parameters": "theta, beta", "iterations": out.iterations,
+               "start_evaluations": wres.start_evaluations, "final_evaluations": n_final,
+               "gtol": gtol, "pirls_tol": tol, "log": log},
+    )
+    diag = Diagnostics(bool(converged), singular, float(np.abs(ev.gradient).max()), hpd, tuple(warn))
+    return FitResult(
+        formula=formula, family=fam.name, link=fam.link.name, method="laplace", reml=False,
+        nobs=design.nobs, ngroups=ngroups(struct), fixed=inference.wald_table(design.x_names, beta, se),
+        varcorr=inference.varcorr_table(struct, theta, 1.0, residual=False),
+        ranef=inference.ranef_table(struct, theta, pr.u, pr.fac, 1.0),
+        loglik=float(loglik), aic=float(aic), bic=float(bic), deviance=float(dev),
+        theta=theta, theta_names=struct.theta_names, beta=beta, vcov=vcov_frame(V, design.x_names),
+        sigma=1.0, optinfo=opt, diagnostics=diag,
+    )

@@ -1,0 +1,157 @@
+"""Response module: y, prior weights, offset and family; η in, μ, weights, deviance out.
+
+The response knows the family and nothing about ``Z`` or ``L`` (lme4's ``respModule``):
+:mod:`fitting.glm` and :mod:`fitting.glmm` hand it ``η`` and get back what IRLS/PIRLS and
+the Laplace gradient need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from .families import Family
+
+_EPS = np.finfo(float).eps
+
+__all__ = ["Response", "ResponseEval", "make_response"]
+
+
+class ResponseEval(NamedTuple):
+    """Family quantities at one linear predictor.
+
+    Attributes
+    ----------
+    eta, mu, dmu, var : ndarray (n,)
+        Linear predictor, mean, ``dμ/dη`` and ``V(μ)``.
+    W : ndarray (n,)
+        Fisher (IRLS) weights ``w dμ² / V``.
+    dev : float
+        Sum of the deviance residuals (finite or ``inf``).
+    """
+
+    eta: np.ndarray
+    mu: np.ndarray
+    dmu: np.ndarray
+    var: np.ndarray
+    W: np.ndarray
+    dev: float
+
+    def score(self, resp: "Response") -> np.ndarray:
+        """``-½ d(dev)/dη = w (y - μ) dμ / V`` per observation."""
+        if resp.fast:  # canonical link: dμ/dη = V
+            return resp.wy - resp.weights * self.mu
+        return resp.weights * (resp.y - self.mu) * self.dmu / self.var
+
+
+@dataclass(frozen=True, eq=False)
+class Response:
+    """Observed data and family of a fit.
+
+    Attributes
+    ----------
+    y, weights, offset : ndarray (n,)
+    family : Family
+    const : float
+        ``-2 Σ loglik - Σ dev`` (independent of μ): adds the normalising constants to a
+        deviance so that ``dev + const = -2 loglik``.
+    """
+
+    y: np.ndarray
+    weights: np.ndarray
+    offset: np.ndarray
+    family: Family
+    const: float
+    fast: str = ""  # "logit" / "log": closed forms of the canonical binomial / Poisson links
+    wy: np.ndarray | None = None  # w * y
+    sat: float = 0.0  # 2 * Σ w (y η_sat - b(η_sat)): saturated term of the fast deviance
+
+    @property
+    def canonical(self) -> bool:
+        return self.family.link.name == self.family.canonical_link
+
+    def evaluate(self, eta: np.ndarray) -> ResponseEval:
+        """Family quantities at ``eta`` (non-finite deviance reported as ``inf``)."""
+        kind = self.fast
+        if kind == "logit":
+            # mu = expit(eta), V = mu' = mu(1-mu); dev = -2 Σ w (y η - log(1 + e^η)) + c
+            # one exp: e = exp(-|η|), μ = (η ≥ 0 ? 1 : e) / (1 + e), log(1 + e^η) = max(η, 0) + log1p(e)
+            e = np.exp(-np.abs(eta))
+            mu = np.where(eta >= 0.0, 1.0, e) / (1.0 + e)
+            v = mu * (1.0 - mu)
+            np.maximum(v, _EPS, out=v)
+            np.clip(mu, _EPS, 1.0 - _EPS, out=mu)
+            softplus = np.maximum(eta, 0.0) + np.log1p(e)
+            dev = -2.0 * float(self.wy @ eta - self.weights @ softplus) - self.sat
+            return ResponseEval(eta, mu, v, v, self.weights * v, dev if np.isfinite(dev) else np.inf)
+        if kind == "log":
+            mu = np.exp(np.minimum(eta, 700.0))
+            np.maximum(mu, _EPS, out=mu)
+            dev = -2.0 * float(self.wy @ eta - self.weights @ mu) - self.sat
+            return ResponseEval(eta, mu, mu, mu, self.weights * mu, dev if np.isfinite(dev) else np.inf)
+        fam = self.family
+        link = fam.link
+        mu = link.inverse(eta)
+        dmu = link.mu_eta(eta)
+        var = fam.variance(mu)
+        W = self.weights * dmu * dmu / var
+        dev = float(np.sum(fam.deviance_residuals(self.y, mu, self.weights)))
+        if not np.isfinite(dev):
+            dev = np.inf
+        return ResponseEval(eta, mu, dmu, var, W, dev)
+
+    def derivatives(self, ev: ResponseEval):
+        """What the analytic Laplace gradient needs at ``ev``.
+
+        Returns
+        -------
+        d1 : ndarray
+            ``d(dev_i)/dη``.
+        dW : ndarray
+            ``dW_i/dη`` of the Fisher weights.
+        D2 : ndarray
+            ``½ d²(dev_i)/dη²`` (the observed weights; equal to ``W`` for canonical links).
+        """
+        w = self.weights
+        if self.fast:  # canonical: d1 = -2 w (y - μ), D2 = W, dW/dη = W V'(μ)
+            d1 = -2.0 * (self.wy - w * ev.mu)
+            dW = ev.W * (1.0 - 2.0 * ev.mu) if self.fast == "logit" else ev.W
+            return d1, dW, ev.W
+        fam = self.family
+        d2mu = fam.link.mu_eta2(ev.eta)
+        dvar = fam.variance_deriv(ev.mu)
+        res = self.y - ev.mu
+        d1 = -2.0 * w * res * ev.dmu / ev.var
+        dW = w * (2.0 * ev.dmu * d2mu / ev.var - ev.dmu ** 3 * dvar / ev.var ** 2)
+        if self.canonical:
+            D2 = ev.W
+        else:
+            D2 = ev.W + w * res * (dvar * ev.dmu ** 2 / ev.var ** 2 - d2mu / ev.var)
+        return d1, dW, D2
+
+    def loglik(self, dev: float) -> float:
+        """Log-likelihood with full constants from a deviance (scale 1 families)."""
+        return -0.5 * (dev + self.const)
+
+
+def make_response(y, weights, offset, family: Family) -> Response:
+    """Build a :class:`Response`, computing the constant of the log-likelihood."""
+    y = np.asarray(y, dtype=float)
+    w = np.asarray(weights, dtype=float)
+    o = np.asarray(offset, dtype=float)
+    mu0 = family.starting_mu(y, w)
+    const = float(np.sum(-2.0 * family.loglik(y, mu0, w) - family.deviance_residuals(y, mu0, w)))
+    fast = ""
+    if family.name == "binomial" and family.link.name == "logit":
+        fast = "logit"
+    elif family.name == "poisson" and family.link.name == "log":
+        fast = "log"
+    sat = 0.0
+    if fast:
+        # dev(μ) = 2 Σ w [ℓ_sat - ℓ(μ)]; the fast path computes -2 Σ w (yη - b(η)) - sat
+        eta0 = family.link.link(mu0)
+        b0 = np.logaddexp(0.0, eta0) if fast == "logit" else mu0
+        dev0 = float(np.sum(family.deviance_residuals(y, mu0, w)))
+        sat = -2.0 * float((w * y) @ eta0 - w @ b0) - dev0
+    return Response(y, w, o, family, const, fast, w * y, sat)
