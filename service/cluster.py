@@ -1,0 +1,174 @@
+"""Connect to a Dask cluster: a remote scheduler, or a LocalCluster started here.
+
+Workers fit one stratum per thread, so BLAS must not start its own thread pools on top of
+Dask's: every worker process gets ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` and
+``MKL_NUM_THREADS`` set to 1 in its environment (LocalCluster), and the
+:class:`BlasThreadsPlugin` worker plugin limits the already loaded BLAS libraries with
+:mod:`threadpoolctl` on any cluster, including remote ones started by someone else.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+
+import dask
+import distributed
+from distributed.diagnostics.plugin import WorkerPlugin
+
+__all__ = [
+    "connect",
+    "dashboard_link",
+    "bokeh_available",
+    "BlasThreadsPlugin",
+    "ClusterUnavailable",
+    "BLAS_ENV",
+    "SCHEDULER_ENV",
+    "TIMEOUT_ENV",
+]
+
+#: Environment given to worker processes started by :func:`connect`.
+BLAS_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+#: Environment variable naming the scheduler when ``scheduler`` is not given.
+SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+#: Environment variable: seconds to wait for a remote scheduler (default 10).
+TIMEOUT_ENV = "STRATAFIT_SCHEDULER_TIMEOUT"
+
+_log = logging.getLogger(__name__)
+
+
+class ClusterUnavailable(RuntimeError):
+    """The scheduler cannot be reached, or a local cluster cannot be started."""
+
+
+class BlasThreadsPlugin(WorkerPlugin):
+    """Limit BLAS/OpenMP thread pools to one thread in every worker process.
+
+    Parameters
+    ----------
+    limit : int, default 1
+        Threads allowed per BLAS/OpenMP pool.
+    """
+
+    name = "stratafit-blas-threads"
+
+    def __init__(self, limit: int = 1):
+        self.limit = int(limit)
+
+    def setup(self, worker: distributed.Worker) -> None:
+        """Set the environment for subprocesses and limit the loaded pools."""
+        for var in BLAS_ENV:
+            os.environ[var] = str(self.limit)
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+            return
+        threadpool_limits(limits=self.limit)
+
+
+def _dashboard_address() -> str:
+    """Dashboard bind address of a local cluster: ``$STRATAFIT_DASHBOARD`` or any free port."""
+    return os.environ.get("STRATAFIT_DASHBOARD", ":0")
+
+
+def dashboard_link(client: distributed.Client) -> str | None:
+    """The dashboard URL of ``client``'s scheduler, or ``None`` when it serves none.
+
+    The status pages need ``bokeh`` on the scheduler; without it the URL still answers
+    (metrics, health) and the CLI says so when it prints the link.
+    """
+    try:
+        services = client.scheduler_info().get("services", {})
+        return client.dashboard_link if "dashboard" in services else None
+    except Exception:  # the link is informational only
+        return None
+
+
+def bokeh_available() -> bool:
+    """Whether this process could serve the dashboard status pages (``bokeh`` installed)."""
+    return importlib.util.find_spec("bokeh") is not None
+
+
+def _local_cluster(n_workers: int | None) -> distributed.LocalCluster:
+    n = int(n_workers or os.cpu_count() or 1)
+    if n < 1:
+        raise ClusterUnavailable(f"--workers must be >= 1, got {n}")
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **BLAS_ENV}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        return distributed.LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=_dashboard_address(),
+            env=dict(BLAS_ENV),
+        )
+
+
+@contextlib.contextmanager
+def connect(
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    *,
+    timeout: float | None = None,
+) -> Iterator[distributed.Client]:
+    """Yield a :class:`distributed.Client` and close everything started here on exit.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Scheduler address (``tcp://host:8786``) or a scheduler file (``*.json``).
+        Defaults to ``$DASK_SCHEDULER_ADDRESS``; when neither is set a
+        :class:`~distributed.LocalCluster` is started (one single-threaded worker
+        process per core, or ``n_workers``).
+    n_workers : int, optional
+        Workers of the local cluster (ignored with a remote scheduler).
+    timeout : float, optional
+        Seconds to wait for a remote scheduler; default ``$STRATAFIT_SCHEDULER_TIMEOUT``
+        or 10.
+
+    Yields
+    ------
+    distributed.Client
+        With :class:`BlasThreadsPlugin` registered. ``dashboard_link(client)`` gives
+        the dashboard address to print.
+
+    Raises
+    ------
+    ClusterUnavailable
+        The scheduler cannot be reached or the local cluster cannot start.
+    """
+    address = scheduler or os.environ.get(SCHEDULER_ENV) or None
+    if timeout is None:
+        timeout = float(os.environ.get(TIMEOUT_ENV, "10"))
+    cluster = None
+    try:
+        if address:
+            if address.endswith(".json"):
+                client = distributed.Client(scheduler_file=address, timeout=timeout)
+            else:
+                client = distributed.Client(address, timeout=timeout)
+        else:
+            cluster = _local_cluster(n_workers)
+            client = distributed.Client(cluster)
+    except ClusterUnavailable:
+        raise
+    except (OSError, TimeoutError, ValueError, RuntimeError) as exc:
+        if cluster is not None:
+            cluster.close()
+        where = address or "local cluster"
+        raise ClusterUnavailable(f"cannot connect to Dask scheduler {where}: {exc}") from exc
+    try:
+        try:
+            client.register_plugin(BlasThreadsPlugin(), name=BlasThreadsPlugin.name)
+        except Exception as exc:  # pragma: no cover - older clusters
+            _log.warning("could not register BLAS thread plugin: %s", exc)
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                cluster.close()

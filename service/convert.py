@@ -1,0 +1,229 @@
+"""Turn the outcome of one stratum's fit into a :class:`storage.records.StratumResult`.
+
+This is the only place where a :class:`fitting.result.FitResult` (or the exception a fit
+raised) is translated into the plain records that cross the service/storage boundary.
+Everything produced here is JSON-serialisable and free of NumPy scalars, NaN and
+infinities (they become ``None``), so every storage backend can write it verbatim.
+
+Outcome rules
+-------------
+- a fit whose ``diagnostics.converged`` is true → ``"succeeded"``;
+- a fit that did not converge → ``"not_converged"`` (estimates and diagnostics stored,
+  flagged);
+- a :class:`fitting.errors.FittingError` → ``"failed"`` with the error class and message
+  (the message names the culprit);
+- any other exception → ``"failed"`` with the error class, message and the tail of the
+  traceback (an unexpected error is a bug, and the tail says where).
+"""
+from __future__ import annotations
+
+import math
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fitting.errors import FittingError
+from storage.records import StratumResult
+
+__all__ = [
+    "to_stratum_result",
+    "failed_result",
+    "fit_columns",
+    "jsonable",
+    "SUCCEEDED",
+    "NOT_CONVERGED",
+    "FAILED",
+    "TRACEBACK_TAIL_LINES",
+]
+
+SUCCEEDED = "succeeded"
+NOT_CONVERGED = "not_converged"
+FAILED = "failed"
+
+#: Lines of traceback kept (from the end) for unexpected exceptions.
+TRACEBACK_TAIL_LINES = 12
+
+_COEF_COLUMNS = ("term", "estimate", "std_error", "statistic", "p_value", "conf_low", "conf_high")
+_VAR_COLUMNS = ("grp", "term1", "term2", "variance", "sd", "correlation")
+_RANEF_COLUMNS = ("grp", "level", "term", "mode", "cond_sd")
+
+
+def jsonable(value: Any) -> Any:
+    """Return ``value`` as plain JSON-compatible Python, NaN/inf replaced by ``None``.
+
+    Parameters
+    ----------
+    value : Any
+        Scalars (Python or NumPy), mappings, sequences, arrays, ``pandas.NA``.
+
+    Returns
+    -------
+    Any
+        ``None``, bool, int, float (finite), str, list or dict (string keys) built
+        recursively; unknown objects become their ``str``.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return [jsonable(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        return jsonable(value.to_dict())
+    try:
+        import pandas as pd
+
+        if value is pd.NA or value is pd.NaT:
+            return None
+        if isinstance(value, pd.Timestamp):
+            return value.isoformat()
+    except ImportError:  # pragma: no cover - pandas is a dependency
+        pass
+    return str(value)
+
+
+def _records(frame: Any, columns: tuple[str, ...], rename: Mapping[str, str]) -> list[dict]:
+    """Rows of ``frame`` as dicts restricted to ``columns`` (after ``rename``)."""
+    if frame is None or len(frame) == 0:
+        return []
+    frame = frame.rename(columns=dict(rename))
+    present = [c for c in columns if c in frame.columns]
+    out = []
+    for row in frame[present].itertuples(index=False, name=None):
+        rec = {c: jsonable(v) for c, v in zip(present, row)}
+        for c in columns:
+            rec.setdefault(c, None)
+        out.append(rec)
+    return out
+
+
+def fit_columns(fit: Any) -> dict[str, Any]:
+    """Columns of the ``fits`` table for one :class:`~fitting.result.FitResult`.
+
+    Parameters
+    ----------
+    fit : FitResult
+        A finished fit (converged or not).
+
+    Returns
+    -------
+    dict
+        nobs, ngroups, loglik, aic, bic, deviance, converged, singular, max_grad,
+        evaluations, elapsed, warnings, optinfo, formula, family, link, method, reml,
+        sigma, hessian_pd (``storage.rows.FIT_COLUMNS``). The optimisation record is
+        stored verbatim (``OptInfo.to_dict()``); the diagnostics are spread over
+        converged/singular/max_grad/hessian_pd/warnings.
+    """
+    diag = fit.diagnostics
+    opt = fit.optinfo
+    optinfo = jsonable(opt.to_dict()) if hasattr(opt, "to_dict") else jsonable(opt)
+    diagnostics = jsonable(diag.to_dict()) if hasattr(diag, "to_dict") else {}
+    return {
+        "nobs": jsonable(fit.nobs),
+        "ngroups": jsonable(dict(fit.ngroups or {})),
+        "loglik": jsonable(fit.loglik),
+        "aic": jsonable(fit.aic),
+        "bic": jsonable(fit.bic),
+        "deviance": jsonable(fit.deviance),
+        "converged": bool(diag.converged),
+        "singular": bool(diag.singular),
+        "max_grad": jsonable(diag.max_grad),
+        "evaluations": jsonable(getattr(opt, "evaluations", None)),
+        "elapsed": jsonable(getattr(opt, "elapsed", None)),
+        "warnings": [str(w) for w in (diag.warnings or ())],
+        "optinfo": optinfo,
+        "formula": str(fit.formula),
+        "family": jsonable(fit.family),
+        "link": jsonable(fit.link),
+        "method": jsonable(fit.method),
+        "reml": bool(getattr(fit, "reml", False)),
+        "sigma": jsonable(getattr(fit, "sigma", None)),
+        "hessian_pd": jsonable(diagnostics.get("hessian_pd")),
+    }
+
+
+def failed_result(key: str, error_class: str, message: str) -> StratumResult:
+    """A ``"failed"`` result carrying only the error class and message.
+
+    Parameters
+    ----------
+    key : str
+        Canonical stratum key.
+    error_class : str
+        Name of the exception class (or a short reason such as ``"EmptyStratum"``).
+    message : str
+        One human-readable message naming the culprit.
+
+    Returns
+    -------
+    StratumResult
+    """
+    return StratumResult(
+        key=key, status=FAILED, error_class=error_class, error_message=message
+    )
+
+
+def _exception_message(exc: BaseException) -> str:
+    """Message for a failed stratum: the exception text, plus a traceback tail if unexpected."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, FittingError):
+        return text
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    lines = "".join(tb).rstrip().splitlines()
+    tail = "\n".join(lines[-TRACEBACK_TAIL_LINES:])
+    return f"{text}\n{tail}" if tail else text
+
+
+def to_stratum_result(
+    key: str, fit_result_or_exception: Any, *, store_random_effects: bool = True
+) -> StratumResult:
+    """Convert a fit (or the exception it raised) into a :class:`StratumResult`.
+
+    Parameters
+    ----------
+    key : str
+        Canonical stratum key.
+    fit_result_or_exception : FitResult or BaseException
+        What :func:`fitting.fit` returned or raised for this stratum.
+    store_random_effects : bool, default True
+        Whether to include the conditional modes (``ranef`` rows).
+
+    Returns
+    -------
+    StratumResult
+        ``"succeeded"``, ``"not_converged"`` or ``"failed"`` (see module docstring).
+    """
+    obj = fit_result_or_exception
+    if isinstance(obj, BaseException):
+        return failed_result(key, type(obj).__name__, _exception_message(obj))
+    try:
+        fit = fit_columns(obj)
+        coefficients = _records(obj.fixed, _COEF_COLUMNS, {})
+        variance = _records(obj.varcorr, _VAR_COLUMNS, {"group": "grp"})
+        ranef = (
+            _records(obj.ranef, _RANEF_COLUMNS, {"group": "grp"})
+            if store_random_effects
+            else []
+        )
+    except Exception as exc:  # a malformed FitResult is a bug: keep the stratum failed
+        return failed_result(key, type(exc).__name__, _exception_message(exc))
+    status = SUCCEEDED if fit["converged"] else NOT_CONVERGED
+    return StratumResult(
+        key=key,
+        status=status,
+        fit=fit,
+        coefficients=coefficients,
+        variance=variance,
+        ranef=ranef,
+    )

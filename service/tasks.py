@@ -1,0 +1,169 @@
+"""What a Dask worker executes: read one slice, fit every stratum in it.
+
+:func:`run_task` is a pure function of its (picklable) arguments: it reads the slice its
+task describes, splits the rows by stratum with one vectorised ``groupby``, fits each
+stratum with :func:`fitting.fit`, and returns one :class:`~storage.records.StratumResult`
+per planned stratum. It never touches the database; the runner on the client side writes
+what it returns.
+
+A failing stratum never sinks its task: every per-stratum exception becomes a ``"failed"``
+result (see :mod:`service.convert`). Only errors reading the slice itself (file missing,
+I/O) propagate, so the runner can tell them apart and retry them.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from service.convert import failed_result, to_stratum_result
+from storage.records import StratumPlan, StratumResult
+
+__all__ = ["run_task", "split_strata", "fit_stratum", "EMPTY_STRATUM"]
+
+#: ``error_class`` of a planned stratum with no rows in its slice.
+EMPTY_STRATUM = "EmptyStratum"
+
+
+def _plain(value: Any) -> Any:
+    """A data value as the planner sees it: NumPy scalars unwrapped, missing → ``None``."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except (ValueError, AttributeError):
+            pass
+    if isinstance(value, float) and value != value:  # NaN: an integer column with nulls
+        return None
+    return value
+
+
+def split_strata(
+    data: pd.DataFrame, plans: Sequence[StratumPlan], columns: Sequence[str]
+) -> dict[str, pd.DataFrame]:
+    """Split ``data`` into one frame per planned stratum (one vectorised ``groupby``).
+
+    Each group's key is built with :func:`service.planner.stratum_key` from the data's
+    own values, so it matches the planner's keys whatever the column types
+    (categoricals, integers read back as floats because of nulls, dates).
+
+    Parameters
+    ----------
+    data : DataFrame
+        The rows of one slice (already filtered by the job's filters).
+    plans : sequence of StratumPlan
+        The strata this slice was planned for.
+    columns : sequence of str
+        Strata columns in spec order (``SliceDescriptor.strata_columns``).
+
+    Returns
+    -------
+    dict
+        Stratum key → its rows (index reset). A planned stratum without rows is
+        absent; rows of strata not in ``plans`` are ignored.
+    """
+    from service.planner import stratum_key
+
+    if not plans:
+        return {}
+    columns = list(columns)
+    if not columns:  # a job without strata columns: the whole slice is the stratum
+        return {plans[0].key: data.reset_index(drop=True)} if len(data) else {}
+    missing = [c for c in columns if c not in data.columns]
+    if missing:
+        raise KeyError(f"strata column(s) {missing} not in the slice (columns: {list(data.columns)})")
+    wanted = {p.key for p in plans}
+    out: dict[str, pd.DataFrame] = {}
+    grouped = data.groupby(columns, sort=False, dropna=False, observed=True)
+    for group_values, index in grouped.indices.items():
+        if not isinstance(group_values, tuple):
+            group_values = (group_values,)
+        key = stratum_key(columns, [_plain(v) for v in group_values])
+        if key not in wanted:
+            continue
+        rows = data.take(index).reset_index(drop=True)
+        if key in out:  # two raw values with one key (e.g. 1 and 1.0)
+            rows = pd.concat([out[key], rows], ignore_index=True)
+        out[key] = rows
+    return out
+
+
+def fit_stratum(
+    key: str,
+    data: pd.DataFrame,
+    fit_kwargs: Mapping[str, Any],
+    store_random_effects: bool,
+) -> StratumResult:
+    """Fit one stratum and convert the outcome; never raises for a bad stratum.
+
+    Parameters
+    ----------
+    key : str
+        Canonical stratum key.
+    data : DataFrame
+        The stratum's rows.
+    fit_kwargs : mapping
+        Keyword arguments of :func:`fitting.fit`, including ``formula``.
+    store_random_effects : bool
+        Keep the conditional modes in the result.
+
+    Returns
+    -------
+    StratumResult
+    """
+    if len(data) == 0:
+        return failed_result(key, EMPTY_STRATUM, f"empty stratum {key!r}: no rows to fit")
+    import fitting
+
+    kwargs = dict(fit_kwargs)
+    formula = kwargs.pop("formula")
+    try:
+        outcome: Any = fitting.fit(formula, data, **kwargs)
+    except Exception as exc:  # one bad stratum must not sink the task
+        outcome = exc
+    return to_stratum_result(key, outcome, store_random_effects=store_random_effects)
+
+
+def _read(descriptor: Any) -> pd.DataFrame:
+    from service.dataset import read_slice
+
+    return read_slice(descriptor)
+
+
+def run_task(
+    task: Any, fit_kwargs: Mapping[str, Any], store_random_effects: bool = True
+) -> list[StratumResult]:
+    """Read one task's slice and fit each of its strata (runs on a Dask worker).
+
+    Parameters
+    ----------
+    task : service.planner.Task
+        ``task.strata`` (list of :class:`StratumPlan`) and ``task.descriptor`` (the
+        :class:`~service.dataset.SliceDescriptor` to read).
+    fit_kwargs : mapping
+        From :meth:`JobSpec.fit_kwargs`: ``formula``, ``family``, ``link``, ...
+    store_random_effects : bool, default True
+        Keep the conditional modes.
+
+    Returns
+    -------
+    list of StratumResult
+        One per planned stratum, in plan order. A planned stratum without rows is
+        ``"failed"`` with ``error_class="EmptyStratum"``.
+
+    Raises
+    ------
+    Exception
+        Only when the slice itself cannot be read (the runner decides whether to retry).
+    """
+    plans: list[StratumPlan] = list(task.strata)
+    data = _read(task.descriptor)
+    columns = tuple(getattr(task.descriptor, "strata_columns", ()) or ())
+    parts = split_strata(data, plans, columns)
+    empty = data.iloc[0:0]
+    return [
+        fit_stratum(p.key, parts.get(p.key, empty), fit_kwargs, store_random_effects)
+        for p in plans
+    ]

@@ -1,0 +1,154 @@
+"""FitResult / exception → StratumResult (:mod:`service.convert`), on real fits."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fitting
+from fitting.errors import DataError
+from service.convert import (
+    FAILED,
+    NOT_CONVERGED,
+    SUCCEEDED,
+    jsonable,
+    to_stratum_result,
+)
+from storage.rows import (
+    COEFFICIENT_COLUMNS,
+    FIT_COLUMNS,
+    RANEF_COLUMNS,
+    VARIANCE_COLUMNS,
+    prepare_results,
+)
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def cbpp():
+    return pd.read_parquet(FIXTURES / "cbpp.parquet")
+
+
+@pytest.fixture(scope="module")
+def sleepstudy():
+    return pd.read_parquet(FIXTURES / "sleepstudy.parquet")
+
+
+@pytest.fixture(scope="module")
+def glmm(cbpp):
+    return fitting.fit("cbind(incidence, size - incidence) ~ period + (1 | herd)", cbpp,
+                       family="binomial")
+
+
+def _strict_json(value) -> str:
+    return json.dumps(value, allow_nan=False)
+
+
+def test_converged_fit(glmm):
+    r = to_stratum_result("herdset=a", glmm, store_random_effects=True)
+    assert r.status == SUCCEEDED and r.key == "herdset=a"
+    assert set(r.fit) <= set(FIT_COLUMNS)
+    assert r.fit["nobs"] == glmm.nobs and r.fit["converged"] is True
+    assert r.fit["loglik"] == pytest.approx(glmm.loglik, rel=0, abs=0)
+    assert r.fit["ngroups"] == {"herd": 15}
+    assert r.fit["optinfo"] == glmm.optinfo.to_dict()  # the record, verbatim
+    assert r.fit["evaluations"] == glmm.optinfo.evaluations
+    assert r.fit["hessian_pd"] == glmm.diagnostics.hessian_pd
+    assert r.fit["family"] == "binomial" and r.fit["link"] == "logit"
+    _strict_json(r.fit)
+    assert [c["term"] for c in r.coefficients] == list(glmm.fixed["term"])
+    assert [c["estimate"] for c in r.coefficients] == list(glmm.fixed["estimate"])
+    assert all(set(c) == set(COEFFICIENT_COLUMNS) for c in r.coefficients)
+    assert [v["grp"] for v in r.variance] == list(glmm.varcorr["group"])
+    assert all(set(v) == set(VARIANCE_COLUMNS) for v in r.variance)
+    assert len(r.ranef) == 15 and all(set(v) == set(RANEF_COLUMNS) for v in r.ranef)
+    assert all(type(c["estimate"]) is float for c in r.coefficients)
+    prepare_results([r])  # the storage contract accepts it
+
+
+def test_random_effects_can_be_left_out(glmm):
+    r = to_stratum_result("k", glmm, store_random_effects=False)
+    assert r.ranef == [] and r.coefficients
+
+
+def test_gaussian_residual_row_and_term2_none(sleepstudy):
+    fit = fitting.fit("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    r = to_stratum_result("", fit, store_random_effects=True)
+    assert r.status == SUCCEEDED
+    grps = [v["grp"] for v in r.variance]
+    assert "Residual" in grps and "Subject" in grps
+    cov = [v for v in r.variance if v["term2"] is not None]
+    assert len(cov) == 1 and cov[0]["correlation"] is not None
+    assert r.fit["sigma"] == pytest.approx(fit.sigma)
+    prepare_results([r])
+
+
+def test_not_converged_is_stored_flagged(cbpp):
+    fit = fitting.fit("cbind(incidence, size - incidence) ~ period + (1 | herd)", cbpp,
+                      family="binomial", control={"maxiter": 1})
+    assert not fit.diagnostics.converged
+    r = to_stratum_result("k", fit, store_random_effects=True)
+    assert r.status == NOT_CONVERGED
+    assert r.fit["converged"] is False and r.coefficients
+    prepare_results([r])
+
+
+def test_nan_becomes_none(glmm):
+    fixed = glmm.fixed.copy()
+    fixed.loc[0, "std_error"] = np.nan
+    fixed.loc[1, "p_value"] = np.inf
+    broken = dataclasses.replace(glmm, fixed=fixed, aic=float("nan"))
+    r = to_stratum_result("k", broken, store_random_effects=False)
+    assert r.coefficients[0]["std_error"] is None
+    assert r.coefficients[1]["p_value"] is None
+    assert r.fit["aic"] is None
+    _strict_json(r.coefficients)
+
+
+def test_jsonable():
+    value = {"a": float("nan"), "b": [np.inf, np.float64(1.5), np.int64(2)], 3: np.bool_(True),
+             "c": (1, None), "d": np.array([1.0, np.nan]), "e": pd.NA}
+    out = jsonable(value)
+    assert out == {"a": None, "b": [None, 1.5, 2], "3": True, "c": [1, None],
+                   "d": [1.0, None], "e": None}
+    _strict_json(out)
+    assert math.isnan(float("nan")) and jsonable(float("-inf")) is None
+
+
+def test_fitting_error_is_failed_without_traceback(cbpp):
+    one_herd = cbpp[cbpp["herd"].astype(str) == "1"]
+    with pytest.raises(DataError) as info:
+        fitting.fit("cbind(incidence, size - incidence) ~ period + (1 | herd)", one_herd,
+                    family="binomial")
+    r = to_stratum_result("herd=1", info.value, store_random_effects=True)
+    assert r.status == FAILED and r.fit is None and r.coefficients == []
+    assert r.error_class == "DataError"
+    assert r.error_message == str(info.value) and "herd" in r.error_message
+    assert "Traceback" not in r.error_message
+    prepare_results([r])
+
+
+def _raise_bug():
+    return {}["missing"]
+
+
+def test_unexpected_error_keeps_traceback_tail():
+    try:
+        _raise_bug()
+    except KeyError as exc:
+        r = to_stratum_result("k", exc, store_random_effects=True)
+    assert r.status == FAILED and r.error_class == "KeyError"
+    assert "_raise_bug" in r.error_message and "Traceback" in r.error_message
+    assert len(r.error_message.splitlines()) <= 13
+
+
+def test_malformed_result_fails_the_stratum(glmm):
+    broken = dataclasses.replace(glmm, fixed=None, diagnostics=None)
+    r = to_stratum_result("k", broken, store_random_effects=True)
+    assert r.status == FAILED and r.error_class == "AttributeError"
