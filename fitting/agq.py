@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import optimize, special
+from scipy import optimize
 
 from .design import Design
 from .errors import FamilyError, FittingError
@@ -377,7 +377,9 @@ def _quadrature(data, fam, rule: GHRule, u, H, eta_hat, h_hat, A):
         S[:, j0 : j0 + chunk] = data.segment_sum(_loglik_rows(fam, data, eta))
     Uj = u[:, None, :] + np.einsum("gkl,jl->gjk", R, rule.nodes)  # (m, J, k)
     log_terms = S - 0.5 * np.einsum("gjk,gjk->gj", Uj, Uj) + rule.half_sq_norm + rule.log_weights
-    return special.logsumexp(log_terms, axis=1) + logdetR
+    top = log_terms.max(axis=1)  # logsumexp by hand: scipy's costs ~0.2 ms per call
+    top = np.where(np.isfinite(top), top, 0.0)
+    return top + np.log(np.exp(log_terms - top[:, None]).sum(axis=1)) + logdetR
 
 
 def _check_nagq(nagq, k: int, prune: float) -> GHRule:

@@ -28,14 +28,26 @@ Control keys (``control=`` dict; unknown keys are rejected by name):
     A diagonal θ below this flags a singular fit.
 ``pirls_tol`` (float, 1e-10)
     PIRLS takes a last Newton step and stops once the decrement ``δ'Hδ`` is below this.
-``nagq`` (int)
-    Quadrature points for ``method="agq"`` (reserved).
+``nagq`` (int >= 1 or "auto"; default "auto")
+    Quadrature nodes per dimension for ``method="agq"`` (adaptive Gauss-Hermite, one
+    grouping factor, binomial/Poisson). ``1`` returns the Laplace fit; ``"auto"`` raises
+    the node count until the fit stops changing (:func:`fitting.agq.auto_nagq`) and
+    records the choice in ``FitResult.nagq``.
+``check_laplace`` (bool, True)
+    Binomial/Poisson GLMMs with one grouping factor: compare the Laplace log-likelihood
+    with quadrature at the estimates (``diagnostics.laplace_adequacy``; ~5-12% of a fit).
+``check_separation`` (None | bool, None)
+    Binomial fits: the LP separation check (``diagnostics.separation``). ``None`` runs it
+    only when the fit looks separated (see :mod:`fitting.glmm_checks`).
+``penalty`` (None | "normal" | {"prior": "normal", "scale": s})
+    Penalised Laplace fit with a weak normal prior on the non-intercept fixed effects
+    (:mod:`fitting.penalized`); ``method`` becomes ``"laplace+penalized"``.
 """
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -50,6 +62,9 @@ from .fitcommon import (LOOSE_GTOL, information_criteria, is_pd, newton_step, ng
 from .lmm import make_lmm, profiled_deviance
 from .optimize import Affine, bfgs, hessian_along, minimize_whitened
 from .response import make_response
+from .agq_fit import check_agq, check_nagq, fit_agq_from_laplace
+from .glmm_checks import run_checks
+from .penalized import check_penalty, fit_glmm_penalized
 from .result import Diagnostics, FitResult, OptInfo
 from .structure import build_structure
 
@@ -64,6 +79,9 @@ CONTROL_DEFAULTS = {
     "check_singular_tol": 1e-4,
     "pirls_tol": 1e-10,
     "nagq": None,
+    "check_laplace": True,
+    "check_separation": None,
+    "penalty": None,
 }
 METHODS = ("laplace", "agq")
 
@@ -108,6 +126,11 @@ def _check_control(control) -> dict:
     for key in ("gtol", "pirls_tol", "check_singular_tol"):
         if not float(ctl[key]) > 0:
             raise ValueError(f"control[{key!r}] must be positive, got {ctl[key]!r}")
+    for key in ("check_laplace", "check_separation"):
+        if not (isinstance(ctl[key], bool) or (key == "check_separation" and ctl[key] is None)):
+            raise ValueError(f"control[{key!r}] must be True or False, got {ctl[key]!r}")
+    ctl["nagq"] = None if ctl["nagq"] is None else check_nagq(ctl["nagq"])
+    ctl["penalty"] = check_penalty(ctl["penalty"])
     if ctl["start"] is not None:
         st = ctl["start"]
         if not isinstance(st, dict) or set(st) - {"theta", "beta"}:
@@ -140,7 +163,9 @@ def fit(formula: str, data, family: str | Family = "gaussian", link: str | None 
     reml : bool
         REML for Gaussian/identity models only.
     method : str
-        ``"laplace"`` (default). ``"agq"`` is not yet supported. Ignored for LMMs.
+        ``"laplace"`` (default) or ``"agq"`` (adaptive Gauss-Hermite quadrature for
+        binomial/Poisson GLMMs with one grouping factor; ``control["nagq"]``: nodes or
+        ``"auto"``). Ignored for LMMs and models without random effects.
     control : dict, optional
         See the module docstring for the keys.
 
@@ -155,7 +180,7 @@ def fit(formula: str, data, family: str | Family = "gaussian", link: str | None 
     t0 = time.perf_counter()
     ctl = _check_control(control)
     fam = get_family(family, link)
-    _check_method(method, fam, reml)
+    method = _check_method(method, fam, reml, ctl)
     from .frame import build_design
 
     with _single_thread_blas():
@@ -164,16 +189,32 @@ def fit(formula: str, data, family: str | Family = "gaussian", link: str | None 
         return _fit(design, fam, str(formula), reml, method, ctl, t0)
 
 
-def _check_method(method, fam, reml):
+def _check_method(method, fam, reml, ctl=None) -> str:
+    """Validate ``method`` against the family (and the control dict, when given).
+
+    With ``ctl``, ``ctl["nagq"]`` defaults to ``"auto"`` for ``method="agq"``.
+    """
     m = str(method).lower()
-    if m == "agq":
-        raise ValueError("method 'agq' (adaptive Gauss-Hermite quadrature) is not yet supported; "
-                         "use method='laplace'")
+    if ctl is None:
+        ctl = {"penalty": None, "nagq": "auto" if m == "agq" else None}
     if m not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     if reml and not (fam.name == "gaussian" and fam.link.name == "identity"):
         raise FamilyError(f"reml=True is only available for the gaussian family with identity link, "
                           f"not {fam.name!r}/{fam.link.name!r}")
+    if m == "agq":
+        if fam.estimates_scale:
+            raise FamilyError(f"method='agq' is for binomial and poisson GLMMs, not the {fam.name!r} family "
+                              "(its ML fit needs no quadrature)")
+        if ctl["penalty"] is not None:
+            raise ValueError("control['penalty'] is only available with method='laplace'")
+        if ctl["nagq"] is None:
+            ctl["nagq"] = "auto"
+    elif ctl["nagq"] is not None:
+        raise ValueError("control['nagq'] only applies to method='agq'")
+    if ctl["penalty"] is not None and fam.name not in ("binomial", "poisson"):
+        raise FamilyError(f"control['penalty'] is for binomial and poisson GLMMs, not {fam.name!r}")
+    return m
 
 
 def fit_design(design: Design, family: str | Family = "gaussian", link: str | None = None, *,
@@ -183,7 +224,7 @@ def fit_design(design: Design, family: str | Family = "gaussian", link: str | No
     t0 = time.perf_counter()
     ctl = _check_control(control)
     fam = get_family(family, link)
-    _check_method(method, fam, reml)
+    method = _check_method(method, fam, reml, ctl)
     with _single_thread_blas():
         return _fit(design, fam, formula or design.response, reml, method, ctl, t0)
 
@@ -191,14 +232,23 @@ def fit_design(design: Design, family: str | Family = "gaussian", link: str | No
 def _fit(design, fam, formula, reml, method, ctl, t0):
     if design.nobs <= design.p:
         raise DataError(f"{design.nobs} observations are not enough for {design.p} fixed effects")
+    if method == "agq":
+        check_agq(design, fam, ctl["nagq"])  # before any fitting: names the offending terms
+    if ctl["penalty"] is not None and not design.re_terms:
+        raise ValueError("control['penalty'] is implemented for GLMMs (a formula with random effects)")
     if not design.re_terms:
-        return _fit_glm(design, fam, formula, reml, ctl, t0)
-    if fam.name == "gaussian":
+        res = _fit_glm(design, fam, formula, reml, ctl, t0)
+    elif fam.name == "gaussian":
         if fam.link.name != "identity":
             raise FamilyError("gaussian family with a non-identity link and random effects is not "
                               "supported; use link='identity' or a GLM without random effects")
-        return _fit_lmm(design, fam, formula, reml, ctl, t0)
-    return _fit_glmm(design, fam, formula, ctl, t0)
+        res = _fit_lmm(design, fam, formula, reml, ctl, t0)
+    else:
+        res = _fit_glmm(design, fam, formula, ctl, t0)
+        res = run_checks(res, design, fam, ctl)
+        if method == "agq":
+            res = fit_agq_from_laplace(res, design, fam, ctl["nagq"], ctl, t0)
+    return replace(res, design=design)
 
 
 # --------------------------------------------------------------------------- GLM
@@ -342,6 +392,8 @@ def _fit_lmm(design, fam, formula, reml, ctl, t0):
 
 # --------------------------------------------------------------------------- GLMM
 def _fit_glmm(design, fam, formula, ctl, t0):
+    if ctl["penalty"] is not None:
+        return fit_glmm_penalized(design, fam, formula, ctl, t0, ctl["penalty"])
     from .glmm_fit import fit_glmm
 
     return fit_glmm(design, fam, formula, ctl, t0)

@@ -160,6 +160,10 @@ def _check_comparable(small, big) -> str:
     if ds is not None and db is not None and not (
             np.array_equal(ds.y, db.y) and np.array_equal(ds.weights, db.weights)):
         raise FittingError("the fits use different responses or weights; they are not nested")
+    for f in (small, big):
+        if "penal" in str(f.method) or getattr(f.diagnostics, "penalized", False):
+            raise FittingError(f"a penalised fit (method {f.method!r}) maximises a penalised likelihood; "
+                               "likelihood-ratio tests need unpenalised fits")
     s_scale, b_scale = loglik_scale(small), loglik_scale(big)
     if "reml" in (s_scale, b_scale):
         if s_scale != b_scale:

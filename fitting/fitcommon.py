@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["SNAP", "LOOSE_GTOL", "start_vector", "ngroups", "information_criteria", "vcov_frame",
-           "is_pd", "newton_step", "zero_small_diagonals"]
+           "is_pd", "newton_step", "zero_small_diagonals", "full_vcov_frame"]
 
 #: a diagonal θ below this in absolute value is tried at exactly 0
 SNAP = 1e-3
@@ -37,6 +37,18 @@ def information_criteria(loglik, df, n):
 def vcov_frame(V, names):
     """vcov as a DataFrame labelled by term on both axes."""
     return pd.DataFrame(V, index=list(names), columns=list(names))
+
+
+def full_vcov_frame(H, names):
+    """Covariance of ``(θ, β)``, ``2 H⁻¹``, labelled by ``names``; None without a PD ``H``.
+
+    ``H`` is the Hessian of the deviance over ``(θ, β)`` the fit computed for its
+    standard errors (stored as ``FitResult.vcov_full``).
+    """
+    if H is None or not is_pd(H):
+        return None
+    V = 2.0 * np.linalg.inv(H)
+    return vcov_frame(0.5 * (V + V.T), names)
 
 
 def is_pd(H) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import inference, linalg
 from .errors import ConvergenceError
-from .fitcommon import (LOOSE_GTOL, information_criteria, is_pd, newton_step, ngroups,
+from .fitcommon import (LOOSE_GTOL, full_vcov_frame, information_criteria, is_pd, newton_step, ngroups,
                         start_vector, vcov_frame, zero_small_diagonals)
 from .glm import fit_glm
 from .glmm import GlmmModel, laplace, laplace_gradient, pirls
@@ -253,4 +253,5 @@ def fit_glmm(design, fam, formula, ctl, t0) -> FitResult:
         loglik=float(loglik), aic=float(aic), bic=float(bic), deviance=float(dev),
         theta=theta, theta_names=struct.theta_names, beta=beta, vcov=vcov_frame(V, design.x_names),
         sigma=1.0, optinfo=opt, diagnostics=diag,
+        vcov_full=full_vcov_frame(H, struct.theta_names + tuple(design.x_names)),
     )

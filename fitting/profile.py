@@ -148,8 +148,10 @@ def fit_nagq(fit) -> int:
     if method.startswith("laplace"):
         return 1
     if method.startswith("agq"):
+        # an AGQ fit records nagq > 1 (nagq = 1 is returned as a Laplace fit), so a
+        # FitResult.nagq of 1 here is the field's default, not information
         for value in (getattr(fit, "nagq", None), fit.optinfo.extra.get("nagq")):
-            if value is not None:
+            if value is not None and int(value) > 1:
                 return int(value)
         raise FittingError("cannot tell the number of quadrature nodes of this fit; pass nagq=")
     raise FittingError(f"method {fit.method!r} has no (theta, beta) deviance to work with")
@@ -284,6 +286,9 @@ def full_vcov(fit, *, design: Design | None = None, nagq: int | None = None) -> 
     (steps of 1e-3 standard errors). Equals lme4's ``2 * solve(m@optinfo$derivs$Hessian)``
     up to finite-difference error; its ``beta`` block is ``fit.vcov`` (Hessian-based SEs).
 
+    A fit that carries ``vcov_full`` (the ``2 H^-1`` its own Hessian gave, see
+    :class:`~fitting.result.FitResult`) returns a copy of it when ``nagq`` is the fit's.
+
     Parameters
     ----------
     fit : FitResult
@@ -303,6 +308,10 @@ def full_vcov(fit, *, design: Design | None = None, nagq: int | None = None) -> 
     FittingError
         The Hessian is not positive definite (e.g. a singular fit with ``theta = 0``).
     """
+    stored = getattr(fit, "vcov_full", None)
+    if stored is not None and (nagq is None or int(nagq) == fit_nagq(fit)):
+        if list(stored.columns) == _names(fit):
+            return stored.copy()
     dev = deviance_function(fit, design, nagq)
     V = _full_vcov_array(fit, dev)
     if V is None:

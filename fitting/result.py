@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from .design import Design
+
 __all__ = ["OptInfo", "Diagnostics", "FitResult"]
 
 
@@ -79,6 +81,18 @@ class Diagnostics:
     hessian_pd : bool or None
         Whether the Hessian used for inference is positive definite (None if not computed).
     warnings : tuple of str
+    laplace_adequacy : dict or None
+        Binomial/Poisson GLMMs with one grouping factor: the change of the log-likelihood
+        from Laplace to adaptive quadrature at the estimates
+        (:func:`fitting.agq.laplace_adequacy` keys); None when not checked.
+    separation : dict or None
+        Binomial fits when checked (:func:`fitting.separation.detect_separation`):
+        ``separated, kind, terms, message, direction``; None when not checked.
+    degenerate_groups : dict or None
+        Binomial/Poisson GLMMs: grouping factor -> counts of groups whose outcomes are
+        all 0 (or all 1) (:func:`fitting.separation.degenerate_groups`).
+    penalized : bool
+        The estimates maximise a penalised likelihood (``control={"penalty": ...}``).
     """
 
     converged: bool
@@ -86,6 +100,10 @@ class Diagnostics:
     max_grad: float
     hessian_pd: bool | None
     warnings: tuple = ()
+    laplace_adequacy: dict | None = None
+    separation: dict | None = None
+    degenerate_groups: dict | None = None
+    penalized: bool = False
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict."""
@@ -96,12 +114,32 @@ class Diagnostics:
 class FitResult:
     """Result of :func:`fitting.fit` (see docs/ARCHITECTURE.md for the fields).
 
-    Conventions: ``method`` is the method actually used (``"laplace"`` for GLMMs, ``"ml"``
-    or ``"reml"`` for LMMs, ``"irls"`` without random effects); ``theta``/``theta_names``,
-    ``varcorr`` and ``ranef`` are in lme4's term order (most levels first); ``fixed`` holds
-    Wald statistics with normal p-values and 95% intervals for every model (lme4 prints no
-    p-values for LMMs); ``sigma`` is 1 for binomial/Poisson; for LMMs ``loglik`` is the
-    REML log-likelihood when ``reml`` and ``deviance = -2 loglik``.
+    Conventions: ``method`` is the method actually used (``"laplace"`` for GLMMs,
+    ``"agq"`` for adaptive quadrature with ``nagq`` nodes, ``"laplace+penalized"`` for a
+    penalised Laplace fit, ``"ml"`` or ``"reml"`` for LMMs, ``"irls"`` without random
+    effects); ``theta``/``theta_names``, ``varcorr`` and ``ranef`` are in lme4's term order
+    (most levels first); ``fixed`` holds Wald statistics with normal p-values and 95%
+    intervals for every model (lme4 prints no p-values for LMMs); ``sigma`` is 1 for
+    binomial/Poisson; for LMMs ``loglik`` is the REML log-likelihood when ``reml`` and
+    ``deviance = -2 loglik``. GLMM log-likelihoods (Laplace and AGQ) include all
+    normalising constants.
+
+    Fields added after the core ones (all optional):
+
+    nagq : int
+        Quadrature nodes per dimension behind ``loglik`` (1 = Laplace or not a GLMM).
+    vcov_full : pandas.DataFrame or None
+        Covariance of ``(theta, beta)``, ``2 H^-1`` from the Hessian of the deviance
+        the fit computed (GLMMs with ``se="hessian"``); labelled by ``theta_names``
+        then the fixed-effect names.
+    design : Design or None
+        The design the fit was made from (set by :func:`fitting.fit`; needed by
+        :meth:`predict`, :meth:`marginal_coefs` and profile intervals). Not compared,
+        not in ``repr``.
+
+    The methods :meth:`predict`, :meth:`confint`, :meth:`marginal_coefs`, :meth:`icc`,
+    :meth:`odds_ratios` and :meth:`exponentiate` delegate to :mod:`fitting.predict`,
+    :mod:`fitting.profile`, :mod:`fitting.marginal` and :mod:`fitting.compare`.
     """
 
     formula: str
@@ -125,6 +163,9 @@ class FitResult:
     sigma: float
     optinfo: OptInfo
     diagnostics: Diagnostics
+    nagq: int = 1
+    vcov_full: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+    design: Design | None = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         return (f"FitResult({self.formula!r}, family={self.family}/{self.link}, nobs={self.nobs}, "
@@ -151,7 +192,7 @@ class FitResult:
             lines.append(f"Linear mixed model fit by {crit}")
         elif has_re:
             lines.append(f"Generalized linear mixed model fit by maximum likelihood "
-                         f"(Laplace Approximation) ['glmerMod']")
+                         f"({self._approximation()}) ['glmerMod']")
             lines.append(f" Family: {self.family}  ( {self.link} )")
         else:
             lines.append(f"Generalized linear model fit by maximum likelihood (IRLS)")
@@ -170,6 +211,7 @@ class FitResult:
             lines.extend(self._varcorr_lines())
             grp = ", ".join(f"{g}, {n}" for g, n in self.ngroups.items())
             lines.append(f"Number of obs: {self.nobs}, groups:  {grp}")
+            lines.extend(self._icc_lines())
             lines.append("")
         lines.append("Fixed effects:")
         lines.extend(self._fixed_lines(gauss and has_re))
@@ -193,6 +235,103 @@ class FitResult:
             lines.append("Convergence notes / warnings:")
             lines.extend(f"  {n}" for n in dict.fromkeys(notes))
         return "\n".join(lines)
+
+    def _approximation(self) -> str:
+        if str(self.method).startswith("agq"):
+            return f"Adaptive Gauss-Hermite Quadrature, nAGQ = {self.nagq}"
+        if "penal" in str(self.method):
+            return "Laplace Approximation, penalised: not MLE"
+        return "Laplace Approximation"
+
+    def _icc_lines(self) -> list:
+        from .errors import FittingError
+        from .marginal import latent_residual_variance
+
+        try:
+            values = self.icc()
+        except (FittingError, ValueError):
+            return []
+        if not values:
+            return []
+        txt = ", ".join(f"{g} {v:.4f}" for g, v in values.items())
+        if self.family == "gaussian":
+            return [f"ICC (random intercepts): {txt}"]
+        note = {"logit": "pi^2/3", "probit": "1", "cloglog": "pi^2/6"}.get(self.link)
+        if self.family == "binomial" and note is not None:
+            resid = latent_residual_variance(self.family, self.link)
+            scale = f"latent scale, residual variance {note} = {resid:.4g}"
+        else:
+            scale = "latent scale, lognormal approximation" if self.family == "poisson" else "latent scale"
+        return [f"ICC ({scale}): {txt}"]
+
+    # ------------------------------------------------------------ inference helpers
+    def predict(self, newdata=None, **kw) -> np.ndarray:
+        """Predictions; see :func:`fitting.predict.predict` for the options.
+
+        Examples
+        --------
+        >>> fit.predict(re="marginal")          # doctest: +SKIP
+        >>> fit.predict(new_df, re_quantile=0.8)  # doctest: +SKIP
+        """
+        from .predict import predict
+
+        return predict(self, newdata, **kw)
+
+    def confint(self, parm=None, level: float = 0.95, method: str = "wald", **kw) -> pd.DataFrame:
+        """Confidence intervals of the fixed effects and random-effect sds.
+
+        Parameters
+        ----------
+        parm : None, str or list of str
+            Parameter names, or ``"beta_"`` / ``"theta_"`` (see
+            :func:`fitting.profile.wald_confint`).
+        level : float
+        method : {"wald", "profile"}
+            Wald (fixed effects only; sds get NaN limits, like lme4) or profile
+            likelihood (:func:`fitting.profile.profile_confint`; binomial/Poisson GLMMs,
+            needs ``design``).
+        **kw
+            Passed to :func:`fitting.profile.profile_confint` (``design``, ``nagq``,
+            ``gtol``).
+
+        Returns
+        -------
+        pandas.DataFrame
+            ``parameter, estimate, conf_low, conf_high, method``.
+        """
+        from .profile import profile_confint, wald_confint
+
+        if method == "wald":
+            if kw:
+                raise ValueError(f"method='wald' takes no further options, got {sorted(kw)}")
+            return wald_confint(self, level=level, parm=parm)
+        if method == "profile":
+            return profile_confint(self, parm=parm, level=level, **kw)
+        raise ValueError(f"method must be 'wald' or 'profile', got {method!r}")
+
+    def marginal_coefs(self, **kw) -> pd.DataFrame:
+        """Population-averaged coefficients; see :func:`fitting.marginal.marginal_coefs`."""
+        from .marginal import marginal_coefs
+
+        return marginal_coefs(self, **kw)
+
+    def icc(self, **kw) -> dict:
+        """Latent-scale ICC per grouping factor; see :func:`fitting.marginal.icc`."""
+        from .marginal import icc
+
+        return icc(self, **kw)
+
+    def odds_ratios(self, level: float = 0.95, **kw) -> pd.DataFrame:
+        """Odds ratios with intervals; see :func:`fitting.compare.odds_ratios`."""
+        from .compare import odds_ratios
+
+        return odds_ratios(self, level, **kw)
+
+    def exponentiate(self, level: float = 0.95, **kw) -> pd.DataFrame:
+        """``exp(beta)`` with intervals; see :func:`fitting.compare.exponentiate`."""
+        from .compare import exponentiate
+
+        return exponentiate(self, level, **kw)
 
     def _df(self) -> int:
         return len(self.beta) + len(self.theta) + (1 if self.family == "gaussian" else 0)

@@ -87,10 +87,15 @@ def test_bad_control_values():
         fitting.fit("Reaction ~ Days + (1 | Subject)", df, control={"start": {"theta": [1, 2]}})
 
 
-def test_agq_not_yet_supported():
-    with pytest.raises(ValueError, match="agq"):
+def test_agq_rejected_for_gaussian_and_bad_nagq():
+    with pytest.raises(FamilyError, match="agq"):
+        fitting.fit("Reaction ~ Days + (1 | Subject)", D.load("sleepstudy"), method="agq")
+    with pytest.raises(ValueError, match="nagq"):
         fitting.fit("cbind(incidence, size - incidence) ~ period + (1 | herd)", D.load("cbpp"),
-                    "binomial", method="agq")
+                    "binomial", method="agq", control={"nagq": 0})
+    with pytest.raises(ValueError, match="only applies to method='agq'"):
+        fitting.fit("cbind(incidence, size - incidence) ~ period + (1 | herd)", D.load("cbpp"),
+                    "binomial", control={"nagq": 5})
 
 
 def test_unknown_method():
@@ -151,7 +156,8 @@ def test_optinfo_and_diagnostics_json(cbpp_fit):
     json.dumps(o.to_dict(), allow_nan=False)
     d = r.diagnostics.to_dict()
     json.dumps(d, allow_nan=False)
-    assert set(d) == {"converged", "singular", "max_grad", "hessian_pd", "warnings"}
+    assert set(d) == {"converged", "singular", "max_grad", "hessian_pd", "warnings", "laplace_adequacy",
+                      "separation", "degenerate_groups", "penalized"}
 
 
 def test_summary_text(cbpp_fit):
