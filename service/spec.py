@@ -638,11 +638,12 @@ def validate_spec(spec: JobSpec, *, check_files: bool = True) -> SpecReport:
                     f"response column {column!r} has type {t}; family {spec.family!r} needs a numeric column",
                 )
     if spec.method == "agq" and isinstance(spec.nagq, int) and spec.nagq > 1:
-        if len(variables.get("grouping", ())) > 1 or variables.get("random", ()):
+        if len(variables.get("grouping", ())) > 1:
             raise SpecError(
                 "nagq",
-                "adaptive Gauss-Hermite quadrature with nagq > 1 needs a single scalar random "
-                f"effect (one '(1 | g)' term); formula {spec.formula!r} has more",
+                "adaptive Gauss-Hermite quadrature with nagq > 1 needs a single grouping "
+                f"factor (e.g. '(1 | g)' or '(1 + x | g)'); formula {spec.formula!r} has "
+                f"{', '.join(variables['grouping'])}",
             )
 
     for column in spec.strata:

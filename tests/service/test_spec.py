@@ -332,15 +332,18 @@ def test_validate_dataset_errors(tmp_path, hospital):
     assert info.value.field == "dataset" and "zz.parquet" in info.value.message
 
 
-def test_validate_agq_needs_scalar_random_effect(hospital):
+def test_validate_agq_needs_one_grouping_factor(hospital):
     pytest.importorskip("fitting.formula")
-    ok = spec_for(hospital, method="agq", nagq=9)
-    validate_spec(ok)
-    validate_spec(spec_for(hospital, method="agq", nagq=1, formula="remission ~ Age + (Age | DID)"))
-    for formula in ("remission ~ Age + (Age | DID)", "remission ~ Age + (1 | DID) + (1 | label)"):
-        with pytest.raises(SpecError) as info:
-            validate_spec(spec_for(hospital, method="agq", nagq=9, formula=formula))
-        assert info.value.field == "nagq" and "single scalar random effect" in info.value.message
+    validate_spec(spec_for(hospital, method="agq", nagq=9))
+    # vector random effects on one grouping factor are integrated by a tensor-product grid
+    validate_spec(spec_for(hospital, method="agq", nagq=9, formula="remission ~ Age + (Age | DID)"))
+    validate_spec(spec_for(hospital, method="agq", nagq=1,
+                           formula="remission ~ Age + (1 | DID) + (1 | label)"))
+    with pytest.raises(SpecError) as info:
+        validate_spec(spec_for(hospital, method="agq", nagq=9,
+                               formula="remission ~ Age + (1 | DID) + (1 | label)"))
+    assert info.value.field == "nagq" and "single grouping factor" in info.value.message
+    assert "DID" in info.value.message and "label" in info.value.message
 
 
 def test_used_columns_schema_order(hospital):
