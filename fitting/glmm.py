@@ -29,7 +29,8 @@ from .errors import ConvergenceError
 from .response import Response, ResponseEval
 from .structure import Structure
 
-__all__ = ["GlmmModel", "PirlsResult", "LaplaceEval", "pirls", "laplace", "laplace_gradient"]
+__all__ = ["GlmmModel", "PirlsResult", "LaplaceEval", "pirls", "laplace", "laplace_gradient",
+           "has_beta_hessian", "laplace_hessian_beta"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,7 +98,8 @@ class LaplaceEval:
 
 
 def pirls(model: GlmmModel, theta: np.ndarray, beta: np.ndarray, u0: np.ndarray | None = None,
-          *, tol: float = 1e-10, maxit: int = 60) -> PirlsResult:
+          *, tol: float = 1e-10, maxit: int = 60, quad_tol: float | None = None,
+          accept_tol: float | None = None) -> PirlsResult:
     """Conditional modes ``û`` at fixed (θ, β) by penalised IRLS (Newton).
 
     Each iteration factors ``H = Λ'Z'DZΛ + I`` at the current ``u`` (``D`` the observed
@@ -117,6 +119,17 @@ def pirls(model: GlmmModel, theta: np.ndarray, beta: np.ndarray, u0: np.ndarray 
         Tolerance on the decrement (deviance units).
     maxit : int
         Iteration cap.
+    quad_tol : float, optional
+        Also take the last step once the decrement is below ``quad_tol`` *and* the previous
+        full step contracted it by a factor 10 or more (the Newton regime, where the
+        decrement after a step is ``≈ κ dec²`` with ``κ ≪ 1``: the step then leaves an error
+        of order ``quad_tol²`` instead of ``tol²``). For evaluations whose precision needs
+        are those of an optimiser step, not of a finite-difference Hessian.
+    accept_tol : float, optional
+        Return the warm start itself, with the factor already computed there, when its
+        decrement is below ``accept_tol`` at the first iteration (no step, no second
+        factorisation): for gradients at points whose modes ``u0`` predicts to second order
+        (finite-difference Hessian), where ``||û - u0||² ≲ accept_tol``.
 
     Raises
     ------
@@ -137,6 +150,7 @@ def pirls(model: GlmmModel, theta: np.ndarray, beta: np.ndarray, u0: np.ndarray 
     pdev = ev.dev + u @ u
     canonical = resp.canonical
     converged = False
+    dec_prev = None  # decrement of the previous iteration if it took a full step
     it = 0
     for it in range(1, maxit + 1):
         fac = None
@@ -145,12 +159,16 @@ def pirls(model: GlmmModel, theta: np.ndarray, beta: np.ndarray, u0: np.ndarray 
                 fac = linalg.factorize(struct, V, resp.derivatives(ev)[2])
             except linalg.NotPositiveDefinite:
                 fac = None
-        if fac is None:
+        fisher = fac is None
+        if fisher:
             fac = linalg.factorize(struct, V, ev.W)
         rhs = struct.zt_times(V, ev.score(resp)) - u
         delta = linalg.solve_A(struct, fac, rhs)
         dec = float(delta @ rhs)
-        if dec < tol:
+        if accept_tol is not None and it == 1 and dec < accept_tol and (canonical or fisher):
+            return PirlsResult(u=u, V=V, ev=ev, fac=fac, iterations=1, converged=True)
+        if dec < tol or (quad_tol is not None and dec < quad_tol and dec_prev is not None
+                         and dec < 0.1 * dec_prev):
             un = u + delta
             evn = resp.evaluate(fixed + struct.z_times(V, un))
             if np.isfinite(evn.dev):
@@ -170,6 +188,7 @@ def pirls(model: GlmmModel, theta: np.ndarray, beta: np.ndarray, u0: np.ndarray 
                 f"PIRLS: penalised deviance did not decrease after 30 step-halvings "
                 f"(theta={np.round(theta, 6).tolist()})")
         u, ev, pdev = un, evn, pn
+        dec_prev = dec if step == 1.0 else None
     fac = linalg.factorize(struct, V, ev.W)
     return PirlsResult(u=u, V=V, ev=ev, fac=fac, iterations=it, converged=converged)
 
@@ -185,12 +204,22 @@ def laplace_gradient(model: GlmmModel, pr: PirlsResult, jacobian: bool = False):
     V, u, ev, fac = pr.V, pr.u, pr.ev, pr.fac
     d1, dW, D2 = resp.derivatives(ev)
     buf = linalg.inverse_buffer(struct, fac)
-    own = linalg.own_inverse(struct, buf)
-    if struct.K == 1:
-        Y = own[:, 0, :] * V
+    K = struct.K
+    # observation-major (K, n) arrays: Y[a] = Σ_b (A⁻¹)_(own a, own b) V[:, b]
+    if K == 1:
+        Y = (buf[struct.col_index[:, 0]] * V[:, 0])[None, :]
+        q_own = V[:, 0] * Y[0]
     else:
-        Y = np.einsum("nab,nb->na", own, V)
-    c = dW * np.einsum("na,na->n", V, Y)
+        gt = struct.gather_tgt_t
+        Y = np.empty((K, struct.n))
+        for a_ in range(K):
+            Y[a_] = buf[gt[a_, 0]] * V[:, 0]
+            for b_ in range(1, K):
+                Y[a_] += buf[gt[a_, b_]] * V[:, b_]
+        q_own = V[:, 0] * Y[0]
+        for a_ in range(1, K):
+            q_own += V[:, a_] * Y[a_]
+    c = dW * q_own
     b = struct.zt_times(V, c)
     facH = fac
     if not resp.canonical:
@@ -201,12 +230,12 @@ def laplace_gradient(model: GlmmModel, pr: PirlsResult, jacobian: bool = False):
     a = linalg.solve_A(struct, facH, b)
     s = d1 + c - D2 * struct.z_times(V, a)
     g_beta = X.T @ s
-    ci = struct.col_index
-    uo = u[ci]
-    M = uo * s[:, None] + 2.0 * ev.W[:, None] * Y - a[ci] * (0.5 * d1)[:, None]
+    cit = struct.col_index_t
+    uo = u[cit]  # (K, n)
+    M = uo * s + 2.0 * ev.W * Y - a[cit] * (0.5 * d1)
     g_theta = np.empty(struct.ntheta)
     for t, cols in zip(struct.terms, struct.term_cols):
-        G = t.Z.T @ M[:, cols]
+        G = (M[cols] @ t.Z).T  # Z_t' M_t
         g_theta[t.theta_offset:t.theta_offset + t.ntheta] = G[t.tril]
     grad = np.concatenate([g_theta, g_beta])
     if not jacobian:
@@ -219,7 +248,7 @@ def laplace_gradient(model: GlmmModel, pr: PirlsResult, jacobian: bool = False):
     for t, cols in zip(struct.terms, struct.term_cols):
         rows, cc = t.tril
         for j, (r_, c_) in enumerate(zip(rows, cc)):
-            E = t.Z[:, r_] * uo[:, cols.start + c_]
+            E = t.Z[:, r_] * uo[cols.start + c_]
             col = struct.zt_times(V, D2 * E)
             col[t.offset + c_: t.offset + t.m * t.k: t.k] += np.bincount(
                 t.codes, t.Z[:, r_] * half, minlength=t.m)
@@ -228,9 +257,73 @@ def laplace_gradient(model: GlmmModel, pr: PirlsResult, jacobian: bool = False):
     return grad, J
 
 
+def has_beta_hessian(model: GlmmModel) -> bool:
+    """Whether :func:`laplace_hessian_beta` applies: one random-effects term (``A``
+    block-diagonal) and a canonical binomial-logit or Poisson-log response."""
+    return model.struct.level.r == 0 and model.resp.fast in ("logit", "log")
+
+
+def laplace_hessian_beta(model: GlmmModel, pr: PirlsResult, J_beta: np.ndarray) -> np.ndarray:
+    """Exact ββ block of the Hessian of the Laplace deviance at a PIRLS solution.
+
+    For a canonical link ``W = D2`` and ``d²/dβ² [dev(η̂) + ||û||²] = 2 RX'RX`` (the Schur
+    complement ``X'WX - X'WZΛ A⁻¹Λ'Z'WX``). With ``P = dη̂/dβ = X + ZΛ dû/dβ``,
+    ``q_i = v_i'A⁻¹v_i``, ``a = A⁻¹Λ'Z'(W' ⊙ q)`` and, per level ``g`` and column ``l``,
+    ``B_gl = Σ_(i in g) W'_i P_il v_i v_i'``, the curvature of ``log|A|`` is::
+
+        Σ_i W''_i q_i P_ik P_il - Σ_g tr(A_g⁻¹ B_gl A_g⁻¹ B_gk) - Σ_i (ZΛa)_i W'_i P_ik P_il
+
+    (``W' = dW/dη``, ``W'' = d²W/dη²``). Only for :func:`has_beta_hessian` models: with one
+    term ``A`` is block-diagonal, so the middle term is local to the levels.
+
+    Parameters
+    ----------
+    J_beta : ndarray (q, p)
+        ``dû/dβ`` (the β columns of :func:`laplace_gradient`'s Jacobian).
+    """
+    struct, resp, X = model.struct, model.resp, model.X
+    V, ev, fac = pr.V, pr.ev, pr.fac
+    t = struct.terms[0]
+    k, m, p = t.k, t.m, X.shape[1]
+    W = ev.W
+    if resp.fast == "logit":
+        dW = W * (1.0 - 2.0 * ev.mu)
+        d2W = dW * (1.0 - 2.0 * ev.mu) - 2.0 * W * ev.mu * (1.0 - ev.mu)
+    else:
+        dW = d2W = W
+    fb = linalg.fixed_blocks(struct, fac, V, W, X)
+    H = 2.0 * fb.R.T @ fb.R
+    Ainv = fac.L11inv
+    Ainv = np.einsum("gcb,gcd->gbd", Ainv, Ainv) if k > 1 else Ainv * Ainv  # (m, k, k)
+    codes = t.codes
+    Y = np.einsum("nab,nb->na", Ainv[codes], V) if k > 1 else Ainv[codes, 0, :] * V
+    q = np.einsum("na,na->n", V, Y)
+    a = linalg.solve_A(struct, fac, struct.zt_times(V, dW * q))
+    ci = struct.col_index
+    if k > 1:
+        P = X + np.einsum("na,nap->np", V, J_beta[ci])
+    else:
+        P = X + V * J_beta[ci[:, 0]]
+    w1 = d2W * q - struct.z_times(V, a) * dW
+    H += (P * w1[:, None]).T @ P
+    # B_gl (m, p, k, k), then E_gl = A_g⁻¹ B_gl and Σ_g tr(E_gl E_gk)
+    vals = (dW[:, None] * P)[:, :, None, None] * (V[:, :, None] * V[:, None, :])[:, None, :, :]
+    ncol = p * k * k
+    idx = codes[:, None] * ncol + np.arange(ncol)[None, :]
+    B = np.bincount(idx.ravel(), vals.reshape(-1), minlength=m * ncol).reshape(m, p, k, k)
+    if k == 1:
+        E = Ainv[:, 0, 0][:, None] * B[:, :, 0, 0]
+        H -= E.T @ E
+    else:
+        E = np.einsum("gab,glbc->glac", Ainv, B)
+        H -= np.einsum("glab,gkba->lk", E, E)
+    return 0.5 * (H + H.T)
+
+
 def laplace(model: GlmmModel, theta: np.ndarray, beta: np.ndarray, u0: np.ndarray | None = None,
             *, gradient: bool = True, jacobian: bool = False, tol: float = 1e-10,
-            maxit: int = 60) -> LaplaceEval:
+            maxit: int = 60, quad_tol: float | None = None,
+            accept_tol: float | None = None) -> LaplaceEval:
     """Laplace deviance (full constants) and optionally its gradient at (θ, β).
 
     A PIRLS failure (non-finite deviance) gives ``deviance = inf`` and no gradient
@@ -239,13 +332,13 @@ def laplace(model: GlmmModel, theta: np.ndarray, beta: np.ndarray, u0: np.ndarra
     """
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return _laplace(model, theta, beta, u0, gradient, jacobian, tol, maxit)
+            return _laplace(model, theta, beta, u0, gradient, jacobian, tol, maxit, quad_tol, accept_tol)
     except (ConvergenceError, linalg.NotPositiveDefinite, FloatingPointError):
         return LaplaceEval(np.inf, None, None)
 
 
-def _laplace(model, theta, beta, u0, gradient, jacobian, tol, maxit):
-    pr = pirls(model, theta, beta, u0, tol=tol, maxit=maxit)
+def _laplace(model, theta, beta, u0, gradient, jacobian, tol, maxit, quad_tol=None, accept_tol=None):
+    pr = pirls(model, theta, beta, u0, tol=tol, maxit=maxit, quad_tol=quad_tol, accept_tol=accept_tol)
     dev = pr.ev.dev + model.resp.const + float(pr.u @ pr.u) + pr.fac.logdet
     J = None
     grad = None

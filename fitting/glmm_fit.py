@@ -16,10 +16,10 @@ import numpy as np
 
 from . import inference, linalg
 from .errors import ConvergenceError
-from .fitcommon import (LOOSE_GTOL, full_vcov_frame, information_criteria, is_pd, newton_step, ngroups,
-                        start_vector, vcov_frame, zero_small_diagonals)
+from .fitcommon import (LOOSE_GTOL, full_vcov_frame, information_criteria, is_pd, newton_step,
+                        ngroups, start_vector, vcov_frame, zero_small_diagonals)
 from .glm import fit_glm
-from .glmm import GlmmModel, laplace, laplace_gradient, pirls
+from .glmm import GlmmModel, has_beta_hessian, laplace, laplace_gradient, laplace_hessian_beta, pirls
 from .optimize import Affine, bfgs, hessian_along, minimize_whitened
 from .response import make_response
 from .result import Diagnostics, FitResult, OptInfo
@@ -30,6 +30,12 @@ __all__ = ["LaplaceObjective", "ModeState", "StartHessian", "fit_glmm", "THETA_S
 #: GLMM start: ``Λ = 0.5 I`` (lme4 starts at ``I``; 0.5 needs fewer evaluations here)
 THETA_START_SCALE = 0.5
 _FD_STEP = 1e-4
+#: PIRLS in optimiser steps: last Newton step once the decrement is below this (measured:
+#: 3-8% faster, log-likelihood and standard errors unchanged to 1e-9 / 1e-6 relative)
+_QUAD_TOL = 1e-4
+#: finite-difference Hessian points: the modes predicted by ``dû/dz`` are accepted when
+#: their PIRLS decrement is below this times ``pirls_tol`` (error ~1e-8 in ``u``)
+_FD_ACCEPT = 1e-6
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,9 @@ class LaplaceObjective:
         nt = self.model.ntheta
         u0 = None if state is None else state.predict(z)
         # dû/dz is not worth its cost between BFGS steps (measured); it is computed at the
-        # estimate, where it predicts the modes for every finite-difference Hessian point
-        ev = laplace(self.model, z[:nt], z[nt:], u0, tol=self.pirls_tol)
+        # estimate, where it predicts the modes for every finite-difference Hessian point.
+        # Optimiser steps stop PIRLS once in the Newton regime (see pirls: quad_tol)
+        ev = laplace(self.model, z[:nt], z[nt:], u0, tol=self.pirls_tol, quad_tol=_QUAD_TOL)
         if ev.gradient is None:
             return np.inf, None, state
         return ev.deviance, ev.gradient, ModeState(np.array(z, dtype=float), ev.pirls.u, ev.jacobian, ev)
@@ -100,10 +107,15 @@ class StartHessian:
             H[:, j] = np.nan if ev.gradient is None else (ev.gradient - g0) / h
         H[:nt, nt:] = H[nt:, :nt].T
         H[:nt, :nt] = 0.5 * (H[:nt, :nt] + H[:nt, :nt].T)
-        pr = pirls(model, z0[:nt], z0[nt:], state.u, tol=self.pirls_tol)
+        extra = 0
+        if state.ev is not None and state.ev.pirls is not None:
+            pr = state.ev.pirls  # the evaluation at z0 (the state handed in)
+        else:
+            pr = pirls(model, z0[:nt], z0[nt:], state.u, tol=self.pirls_tol)
+            extra = 1
         fb = linalg.fixed_blocks(model.struct, pr.fac, pr.V, pr.ev.W, model.X)
         H[nt:, nt:] = 2.0 * fb.R.T @ fb.R
-        return H, nt + 1
+        return H, nt + extra
 
 
 def _finish(model, struct, z, state, fun, tol):
@@ -138,6 +150,30 @@ def _finish(model, struct, z, state, fun, tol):
     return zf, ev, nev
 
 
+
+
+def _final_hessian(model, z, ev, C, grad):
+    """Hessian of the Laplace deviance at the estimate ``z`` (``ev`` its evaluation with
+    ``dû/dz``), and the number of gradient evaluations it took.
+
+    With :func:`fitting.glmm.has_beta_hessian` the ββ block is exact
+    (:func:`fitting.glmm.laplace_hessian_beta`) and only the θ columns are forward
+    differences of the analytic gradient (one evaluation per θ); otherwise every column is,
+    along the whitened directions ``C``.
+    """
+    nt = model.ntheta
+    if not has_beta_hessian(model):
+        return hessian_along(grad, z, C, ev.gradient, _FD_STEP), z.size
+    H = np.empty((z.size, z.size))
+    for j in range(nt):
+        h = _FD_STEP * max(1.0, abs(z[j]))
+        zj = z.copy()
+        zj[j] += h
+        H[:, j] = (grad(zj) - ev.gradient) / h
+    H[:nt, nt:] = H[nt:, :nt].T
+    H[:nt, :nt] = 0.5 * (H[:nt, :nt] + H[:nt, :nt].T)
+    H[nt:, nt:] = laplace_hessian_beta(model, ev.pirls, ev.jacobian[:, nt:])
+    return H, nt
 
 
 def fit_glmm(design, fam, formula, ctl, t0) -> FitResult:
@@ -180,13 +216,14 @@ def fit_glmm(design, fam, formula, ctl, t0) -> FitResult:
             mstate = ModeState(z.copy(), ev.pirls.u, ev.jacobian)
 
             def grad(zz):
-                g = laplace(model, zz[:nt], zz[nt:], mstate.predict(zz), tol=tol).gradient
+                g = laplace(model, zz[:nt], zz[nt:], mstate.predict(zz), tol=tol,
+                            accept_tol=None if _FD_ACCEPT is None else _FD_ACCEPT * tol).gradient
                 if g is None:
                     raise ConvergenceError("Laplace deviance not finite near the estimate")
                 return g
 
-            H = hessian_along(grad, z, wres.C, ev.gradient, _FD_STEP)
-            n_final += nt + p
+            H, k = _final_hessian(model, z, ev, wres.C, grad)
+            n_final += k
         polished = False
         step = newton_step(struct, z, H, ev.gradient)
         if step is not None:

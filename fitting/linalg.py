@@ -71,6 +71,7 @@ class Factor(NamedTuple):
     L22: np.ndarray | None
     sub: "Factor | None"
     logdet: float
+    L21d: np.ndarray | None = None  # dense (q1, r) copy of L21 on dense-fill levels
 
 
 def _chol_blocks(A11: np.ndarray, k1: int):
@@ -117,6 +118,13 @@ def _factor_level(lv, buf: np.ndarray) -> Factor:
     Li = L11inv[lv.pair_g]
     # L21 = A21 L11^{-T}:  L21[p, b] = sum_c A21[p, c] L11inv[g, b, c]
     L21 = np.einsum("pc,pbc->pb", A21, Li) if k1 > 1 else A21 * Li[:, :, 0]
+    if lv.dense:
+        D = np.zeros(lv.q1 * r)
+        D[lv.pair_dense] = L21
+        D = D.reshape(lv.q1, r)
+        S = buf[lv.off_rest:].reshape(r, r) - D.T @ D
+        S[np.diag_indices(r)] += 1.0
+        return _factor_dense_rest(L11inv, L21, S, ld1)._replace(L21d=D)
     if k1 > 1:
         prod = np.einsum("pk,pk->p", L21[lv.pp_a], L21[lv.pp_b])
     else:
@@ -131,6 +139,10 @@ def _factor_level(lv, buf: np.ndarray) -> Factor:
         return Factor(L11inv, L21, None, sub, float(ld1 + sub.logdet))
     S = rest.reshape(r, r)
     S[np.diag_indices(r)] += 1.0
+    return _factor_dense_rest(L11inv, L21, S, ld1)
+
+
+def _factor_dense_rest(L11inv, L21, S, ld1) -> Factor:
     L22, info = lapack.dpotrf(S, lower=1, clean=1, overwrite_a=1)
     if info != 0:
         raise NotPositiveDefinite("Schur complement not positive definite")
@@ -162,14 +174,41 @@ def factorize(struct: Structure, V: np.ndarray, W: np.ndarray) -> Factor:
     if not lv.r:  # one vector-valued term: k(k+1)/2 segment sums, no outer products
         k1, m1 = lv.k1, lv.m1
         codes = struct.terms[0].codes
+        if k1 == 2:  # closed-form 2×2 Cholesky straight from the three segment sums
+            v0, v1 = V[:, 0], V[:, 1]
+            Wv0 = W * v0
+            a00 = np.bincount(codes, Wv0 * v0, minlength=m1) + 1.0
+            a10 = np.bincount(codes, Wv0 * v1, minlength=m1)
+            a11 = np.bincount(codes, W * v1 * v1, minlength=m1) + 1.0
+            if not np.all(a00 > 0):
+                raise NotPositiveDefinite("diagonal block not positive definite")
+            l00 = np.sqrt(a00)
+            l10 = a10 / l00
+            d = a11 - l10 * l10
+            if not np.all(d > 0):
+                raise NotPositiveDefinite("diagonal block not positive definite")
+            l11 = np.sqrt(d)
+            inv = np.zeros((m1, 2, 2))
+            inv[:, 0, 0] = 1.0 / l00
+            inv[:, 1, 1] = 1.0 / l11
+            inv[:, 1, 0] = -l10 * inv[:, 0, 0] * inv[:, 1, 1]
+            return Factor(inv, np.zeros((0, 2)), None, None, float(2.0 * np.log(l00 * l11).sum()))
         WV = W[:, None] * V
         A11 = np.empty((m1, k1, k1))
         for a in range(k1):
             for b in range(a + 1):
                 A11[:, a, b] = A11[:, b, a] = np.bincount(codes, V[:, a] * WV[:, b], minlength=m1)
         return _factor_level(lv, A11.ravel())
-    outer = (V[:, :, None] * (W[:, None] * V)[:, None, :]).ravel()
-    buf = np.bincount(struct.build_tgt, outer[struct.build_src], minlength=lv.nbuf)
+    if struct.build_ab is not None:
+        # V[:, a] W V[:, b] for the kept own-entry pairs, pair-major (contiguous columns)
+        WV = W[:, None] * V
+        vals = np.empty((struct.build_ab.shape[0], struct.n))
+        for j, (a, b) in enumerate(struct.build_ab):
+            np.multiply(V[:, a], WV[:, b], out=vals[j])
+        buf = np.bincount(struct.build_tgt_t, vals.ravel(), minlength=lv.nbuf)
+    else:
+        outer = (V[:, :, None] * (W[:, None] * V)[:, None, :]).ravel()
+        buf = np.bincount(struct.build_tgt, outer[struct.build_src], minlength=lv.nbuf)
     return _factor_level(lv, buf)
 
 
@@ -186,8 +225,11 @@ def _solve_L(lv, fac: Factor, B: np.ndarray) -> np.ndarray:
     x1 = _apply_blocks(fac.L11inv, B[:q1].reshape(m1, k1, c), False)
     if not lv.r:
         return x1.reshape(q1, c)
-    t = np.einsum("pb,pbm->pm", fac.L21, x1[lv.pair_g])
-    y = np.add.reduceat(t[lv.pair_j_perm], lv.pair_j_starts, axis=0)
+    if fac.L21d is not None:
+        y = fac.L21d.T @ x1.reshape(q1, c)
+    else:
+        t = np.einsum("pb,pbm->pm", fac.L21, x1[lv.pair_g])
+        y = np.add.reduceat(t[lv.pair_j_perm], lv.pair_j_starts, axis=0)
     rhs = B[q1:] - y
     if fac.sub is not None:
         x2 = _solve_L(lv.sub, fac.sub, rhs)
@@ -206,8 +248,11 @@ def _solve_Lt(lv, fac: Factor, B: np.ndarray) -> np.ndarray:
         x2 = _solve_Lt(lv.sub, fac.sub, B[q1:])
     else:
         x2 = solve_triangular(fac.L22, B[q1:], lower=True, trans="T", check_finite=False)
-    t = fac.L21[:, :, None] * x2[lv.pair_j][:, None, :]
-    b1 = b1 - np.add.reduceat(t, lv.pair_g_starts, axis=0)
+    if fac.L21d is not None:
+        b1 = b1 - (fac.L21d @ x2).reshape(m1, k1, c)
+    else:
+        t = fac.L21[:, :, None] * x2[lv.pair_j][:, None, :]
+        b1 = b1 - np.add.reduceat(t, lv.pair_g_starts, axis=0)
     x1 = _apply_blocks(fac.L11inv, b1, True)
     return np.concatenate([x1.reshape(q1, c), x2], axis=0)
 
@@ -246,6 +291,19 @@ def _inverse_level(lv, fac: Factor) -> np.ndarray:
             raise NotPositiveDefinite("dpotri failed")
         rest = (np.tril(Sinv) + np.tril(Sinv, -1).T).ravel()
     C = np.einsum("pb,pbc->pc", fac.L21, Li[lv.pair_g]) if k1 > 1 else fac.L21 * Li[lv.pair_g, 0]
+    if lv.dense:
+        # dense C (q1, r): (A⁻¹)21 = -S⁻¹C' on the pairs, diag blocks += C S⁻¹ C'
+        if k1 == 1:
+            Cd = fac.L21d * Li[:, 0, 0][:, None]
+        else:
+            Cd = np.einsum("gbj,gbc->gcj", fac.L21d.reshape(m1, k1, r), Li).reshape(lv.q1, r)
+        T = Cd @ rest.reshape(r, r)
+        cross = -T.ravel()[lv.pair_dense]
+        if k1 == 1:
+            add = np.einsum("gj,gj->g", T, Cd)[:, None, None]
+        else:
+            add = np.einsum("gbj,gcj->gbc", T.reshape(m1, k1, r), Cd.reshape(m1, k1, r))
+        return np.concatenate([(A11inv + add).ravel(), cross.ravel(), rest])
     s = rest[lv.pp_read]
     npairs = C.shape[0]
     sc = s[:, None] * C[lv.pp_b]

@@ -141,7 +141,8 @@ def make_response(y, weights, offset, family: Family) -> Response:
     w = np.asarray(weights, dtype=float)
     o = np.asarray(offset, dtype=float)
     mu0 = family.starting_mu(y, w)
-    const = float(np.sum(-2.0 * family.loglik(y, mu0, w) - family.deviance_residuals(y, mu0, w)))
+    dres0 = family.deviance_residuals(y, mu0, w)
+    const = float(np.sum(-2.0 * family.loglik(y, mu0, w) - dres0))
     fast = ""
     if family.name == "binomial" and family.link.name == "logit":
         fast = "logit"
@@ -152,6 +153,6 @@ def make_response(y, weights, offset, family: Family) -> Response:
         # dev(μ) = 2 Σ w [ℓ_sat - ℓ(μ)]; the fast path computes -2 Σ w (yη - b(η)) - sat
         eta0 = family.link.link(mu0)
         b0 = np.logaddexp(0.0, eta0) if fast == "logit" else mu0
-        dev0 = float(np.sum(family.deviance_residuals(y, mu0, w)))
+        dev0 = float(np.sum(dres0))
         sat = -2.0 * float((w * y) @ eta0 - w @ b0) - dev0
     return Response(y, w, o, family, const, fast, w * y, sat)

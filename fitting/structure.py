@@ -111,6 +111,21 @@ class Level:
     pp_fill: np.ndarray
     pp_read: np.ndarray
     sub: "Level | None"
+    pair_dense: np.ndarray | None = None  # (npairs, k1) positions in a dense (q1, r) L21
+
+    @property
+    def dense(self) -> bool:
+        """Dense-rest level whose fill ``L21'L21`` is one matrix product (BLAS)."""
+        return self.pair_dense is not None
+
+    def _pair_id(self, keys: np.ndarray) -> np.ndarray:
+        """Position of pair keys (``g * r + j``, all in the pattern) in ``pair_keys``."""
+        bound = self.m1 * self.r
+        if bound <= _LOOKUP_MAX and bound <= 8 * keys.size:
+            lookup = np.empty(bound, dtype=np.int64)
+            lookup[self.pair_keys] = np.arange(self.pair_keys.size)
+            return lookup[keys]
+        return np.searchsorted(self.pair_keys, keys)
 
     def index(self, a: np.ndarray, b: np.ndarray, build: bool = False) -> np.ndarray:
         """Buffer positions of local entries ``(a, b)`` (in the pattern).
@@ -122,17 +137,23 @@ class Level:
         b = np.asarray(b, dtype=np.int64)
         out = np.full(a.shape, -1, dtype=np.int64)
         k1, q1 = self.k1, self.q1
-        m = (a < q1) & (b < q1)
-        out[m] = (a[m] // k1) * (k1 * k1) + (a[m] % k1) * k1 + (b[m] % k1)
-        m = (a >= q1) & (b < q1)
+        lead_a, lead_b = a < q1, b < q1
+        m = lead_a & lead_b
+        if k1 == 1:  # (integer division is slow: skip it for scalar blocks)
+            out[m] = a[m]
+        else:
+            out[m] = (a[m] // k1) * (k1 * k1) + (a[m] % k1) * k1 + (b[m] % k1)
+        m = ~lead_a & lead_b
         if m.any():
-            pid = np.searchsorted(self.pair_keys, (b[m] // k1) * self.r + (a[m] - q1))
-            out[m] = self.off_cross + pid * k1 + b[m] % k1
-        m = (a < q1) & (b >= q1)
+            bm = b[m]
+            g, c = (bm, 0) if k1 == 1 else (bm // k1, bm % k1)
+            out[m] = self.off_cross + self._pair_id(g * self.r + (a[m] - q1)) * k1 + c
+        m = lead_a & ~lead_b
         if m.any() and not build:
-            pid = np.searchsorted(self.pair_keys, (a[m] // k1) * self.r + (b[m] - q1))
-            out[m] = self.off_cross + pid * k1 + a[m] % k1
-        m = (a >= q1) & (b >= q1)
+            am = a[m]
+            g, c = (am, 0) if k1 == 1 else (am // k1, am % k1)
+            out[m] = self.off_cross + self._pair_id(g * self.r + (b[m] - q1)) * k1 + c
+        m = ~lead_a & ~lead_b
         if m.any():
             ra, rb = a[m] - q1, b[m] - q1
             if self.sub is None:
@@ -157,16 +178,33 @@ def _build_level(sizes: list, rows: np.ndarray, cols: np.ndarray) -> Level:
     q1 = k1 * m1
     r = sum(k * m for k, m in sizes[1:])
     cross = (rows >= q1) & (cols < q1)
-    keys = np.unique((cols[cross] // k1) * r + (rows[cross] - q1)) if r else np.zeros(0, np.int64)
+    keys = _unique_int((cols[cross] // k1) * r + (rows[cross] - q1), m1 * r) if r else np.zeros(0, np.int64)
     pair_g = keys // r if r else keys
     pair_j = keys % r if r else keys
     npairs = keys.size
     off_cross = m1 * k1 * k1
     off_rest = off_cross + npairs * k1
+    pair_dense = None
     if r:
         cnt_g = np.bincount(pair_g, minlength=m1)
+        npp = int(cnt_g @ cnt_g)
+        if _dense_fill(sizes, q1, r, npp * k1, pair_g, pair_j, rows, cols):
+            # the rest is dense anyway: form L21'L21 (and S⁻¹C) as BLAS products on a dense
+            # (q1, r) L21 instead of a bincount over all pairs of pairs
+            pair_dense = (pair_g[:, None] * k1 + np.arange(k1)[None, :]) * r + pair_j[:, None]
+    if pair_dense is not None:
+        z = np.zeros(0, np.int64)
+        pair_j_perm = _stable_argsort(pair_j, r)
+        cnt_j = np.bincount(pair_j, minlength=r)
+        pair_j_starts = np.concatenate([[0], np.cumsum(cnt_j)[:-1]])
         pair_g_starts = np.concatenate([[0], np.cumsum(cnt_g)[:-1]])
-        pair_j_perm = np.argsort(pair_j, kind="stable")
+        pp_a = pp_b = pp_g = pp_fill = pp_read = z
+        sub = None
+        rest_n = r * r
+    elif r:
+        cnt_g = np.bincount(pair_g, minlength=m1)
+        pair_g_starts = np.concatenate([[0], np.cumsum(cnt_g)[:-1]])
+        pair_j_perm = _stable_argsort(pair_j, r)
         cnt_j = np.bincount(pair_j, minlength=r)
         pair_j_starts = np.concatenate([[0], np.cumsum(cnt_j)[:-1]])
         reps = cnt_g[pair_g]
@@ -185,7 +223,7 @@ def _build_level(sizes: list, rows: np.ndarray, cols: np.ndarray) -> Level:
             q2 = k2 * sizes[1][1]
             lead = (rr < q2) & (rc < q2)
             if np.all(rr[lead] // k2 == rc[lead] // k2):  # leading rest term stays block-diagonal
-                key = np.unique(rr * r + rc)
+                key = _unique_int(rr * r + rc, r * r)
                 sub = _build_level(sizes[1:], key // r, key % r)
         if sub is None:
             rest_n = r * r
@@ -206,7 +244,35 @@ def _build_level(sizes: list, rows: np.ndarray, cols: np.ndarray) -> Level:
         pair_j=_ro(pair_j), pair_g=_ro(pair_g), pair_keys=_ro(keys), pair_g_starts=_ro(pair_g_starts),
         pair_j_perm=_ro(pair_j_perm), pair_j_starts=_ro(pair_j_starts), pp_a=_ro(pp_a), pp_b=_ro(pp_b),
         pp_g=_ro(pp_g), pp_fill=_ro(np.where(keep, pp_fill, -1)), pp_read=_ro(pp_read), sub=sub,
+        pair_dense=None if pair_dense is None else _ro(pair_dense),
     )
+
+
+#: largest dense ``L21`` (q1 × r entries) formed by the dense-fill path
+_DENSE_L21_MAX = 4_000_000
+
+
+def _dense_fill(sizes: list, q1: int, r: int, npp_work: int, pair_g: np.ndarray, pair_j: np.ndarray,
+                rows: np.ndarray, cols: np.ndarray) -> bool:
+    """Whether the Schur complement of a level is dense and cheaper to fill by BLAS.
+
+    The rest is dense unless its leading term stays block-diagonal after the fill-in (then
+    it becomes a sub-level, the test in :func:`_build_level`, here done on the pairs without
+    forming the pairs of pairs). A dense product ``L21'L21`` costs ``q1 r²`` flops at BLAS
+    speed against ``Σ_g (pairs of g)² k1`` scattered updates.
+    """
+    if q1 * r > _DENSE_L21_MAX or q1 * r * r > 32 * npp_work + 2_000_000:
+        return False
+    k2 = sizes[1][0]
+    q2 = k2 * sizes[1][1]
+    lead = (rows >= q1) & (cols >= q1) & (rows < q1 + q2) & (cols < q1 + q2)
+    if np.any((rows[lead] - q1) // k2 != (cols[lead] - q1) // k2):
+        return True  # already coupled before the fill-in
+    m1, nb2 = sizes[0][1], sizes[1][1]
+    m = pair_j < q2
+    gb = _unique_int(pair_g[m] * nb2 + pair_j[m] // k2, m1 * nb2)
+    # block-diagonal after the fill iff every leading block g meets at most one block
+    return bool(np.any(np.bincount(gb // nb2) > 1))
 
 
 @dataclass(frozen=True, eq=False)
@@ -236,6 +302,12 @@ class Structure:
     theta_lower: np.ndarray
     theta_names: tuple
     diag_theta: np.ndarray  # bool mask of diagonal θ entries
+    # column-major twins (K > 1): col_index.T, and the build of A as (a, b) own-entry pairs
+    # (the same for every observation) with the targets of ``V[:, a] W V[:, b]`` by pair
+    col_index_t: np.ndarray | None = None  # (K, n)
+    build_ab: np.ndarray | None = None  # (nab, 2) or None if the pattern is not regular
+    build_tgt_t: np.ndarray | None = None  # (nab * n,) pair-major
+    gather_tgt_t: np.ndarray | None = None  # (K, K, n): gather_tgt transposed
 
     @property
     def k1(self) -> int:
@@ -256,12 +328,21 @@ class Structure:
         return out
 
     def zlambda(self, theta: np.ndarray) -> np.ndarray:
-        """Rows of ``ZΛ`` restricted to each observation's own entries, shape (n, K)."""
+        """Rows of ``ZΛ`` restricted to each observation's own entries, shape (n, K).
+
+        Column-major (Fortran order) when ``K > 1``: the products below work column by
+        column, each a contiguous pass over the observations.
+        """
         if len(self.terms) == 1 and self.K == 1:
             t = self.terms[0]
             return t.Z * theta[0]
-        parts = [t.Z @ lam for t, lam in zip(self.terms, self.lambdas(theta))]
-        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        out = np.empty((self.K, self.n))
+        for t, lam, cols in zip(self.terms, self.lambdas(theta), self.term_cols):
+            if t.k == 1:
+                np.multiply(t.Z[:, 0], lam[0, 0], out=out[cols.start])
+            else:
+                out[cols] = lam.T @ t.Z.T
+        return out.T
 
     def theta_start(self) -> np.ndarray:
         """lme4's default start: identity ``Λ`` (1 on the diagonal, 0 elsewhere)."""
@@ -272,19 +353,46 @@ class Structure:
         """``ZΛ u`` given ``V = zlambda(θ)``."""
         if self.K == 1:
             return V[:, 0] * u[self.col_index[:, 0]]
-        return np.einsum("ik,ik->i", V, u[self.col_index])
+        cit = self.col_index_t
+        out = V[:, 0] * u[cit[0]]
+        for a in range(1, self.K):
+            out += V[:, a] * u[cit[a]]
+        return out
 
     def zt_times(self, V: np.ndarray, v: np.ndarray) -> np.ndarray:
         """``Λ'Z' v`` for a vector ``v`` (n,)."""
         if self.K == 1:
             return np.bincount(self.col_index[:, 0], V[:, 0] * v, minlength=self.q)
-        return np.bincount(self.col_index.ravel(), (V * v[:, None]).ravel(), minlength=self.q)
+        Vv = np.asfortranarray(V * v[:, None])
+        return np.bincount(self.col_index_t.ravel(), Vv.ravel(order="F"), minlength=self.q)
 
     def zt_times_matrix(self, V: np.ndarray, M: np.ndarray) -> np.ndarray:
         """``Λ'Z' M`` for a matrix ``M`` (n, c), shape (q, c) (a CSR product)."""
         ZLt = sparse.csr_matrix((V.ravel()[self.ent_perm], self.ent_obs, self.ent_indptr),
                                 shape=(self.q, self.n))
         return np.asarray(ZLt @ M)
+
+
+#: largest key range handled by a dense mask / lookup table instead of sorting
+_LOOKUP_MAX = 1 << 24
+
+
+def _unique_int(keys: np.ndarray, bound: int) -> np.ndarray:
+    """``np.unique`` of non-negative integer keys below ``bound`` (a mask when the range is
+    small: linear time instead of a sort)."""
+    keys = np.asarray(keys, dtype=np.int64)
+    if bound <= _LOOKUP_MAX and bound <= 16 * keys.size + 4096:
+        mask = np.zeros(bound, dtype=bool)
+        mask[keys] = True
+        return np.flatnonzero(mask)
+    return np.unique(keys)
+
+
+def _stable_argsort(x: np.ndarray, bound: int) -> np.ndarray:
+    """Stable argsort of integers in ``[0, bound)`` (radix sort on 16-bit keys when they fit)."""
+    if bound <= 1 << 16:
+        return np.argsort(x.astype(np.uint16), kind="stable")
+    return np.argsort(x, kind="stable")
 
 
 def _ro(a: np.ndarray) -> np.ndarray:
@@ -372,7 +480,7 @@ def build_structure(re_terms: tuple[ReTerm, ...], n: int) -> Structure:
     # ---- recursive layout of A from the pattern of the own-block entries
     rows = np.repeat(col_index, K, axis=1).ravel()
     cols = np.tile(col_index, (1, K)).ravel()
-    key = np.unique(rows * q + cols)
+    key = _unique_int(rows * q + cols, q * q)
     level = _build_level([(t.k, t.m) for t in terms], key // q, key % q)
     ci_a = np.repeat(col_index[:, :, None], K, axis=2)
     ci_b = np.repeat(col_index[:, None, :], K, axis=1)
@@ -383,10 +491,20 @@ def build_structure(re_terms: tuple[ReTerm, ...], n: int) -> Structure:
 
     # ---- entries sorted by column of u
     flat_cols = col_index.ravel()
-    ent_perm = np.argsort(flat_cols, kind="stable")
+    ent_perm = _stable_argsort(flat_cols, q)
     ent_obs = ent_perm // K
     cnt_c = np.bincount(flat_cols, minlength=q)
     ent_starts = np.concatenate([[0], np.cumsum(cnt_c)[:-1]])
+
+    # build of A by own-entry pairs (a, b): regular when every observation keeps the same
+    # pairs (it does: what is kept depends only on the terms of a and b)
+    nab = build_src.size // n
+    ab = build_src[:nab] % (K * K)
+    build_ab = build_tgt_t = None
+    if nab * n == build_src.size and np.array_equal(
+            build_src.reshape(n, nab), np.arange(n)[:, None] * (K * K) + ab[None, :]):
+        build_ab = np.stack([ab // K, ab % K], axis=1)
+        build_tgt_t = build_tgt.reshape(n, nab).T.ravel()
 
     return Structure(
         n=n, q=q, K=K, terms=tuple(terms), col_index=_ro(col_index), term_cols=tuple(term_cols),
@@ -395,4 +513,7 @@ def build_structure(re_terms: tuple[ReTerm, ...], n: int) -> Structure:
         ent_indptr=_ro(np.append(ent_starts, ent_perm.size)),
         ntheta=toff, theta_lower=_ro(np.array(lower)), theta_names=tuple(names),
         diag_theta=_ro(np.array(diag, dtype=bool)),
+        col_index_t=_ro(col_index.T), build_ab=None if build_ab is None else _ro(build_ab),
+        build_tgt_t=None if build_tgt_t is None else _ro(build_tgt_t),
+        gather_tgt_t=_ro(gather.transpose(1, 2, 0)),
     )

@@ -84,6 +84,23 @@ def test_factor_matches_dense(spec):
     _check_against_dense(struct, rng)
 
 
+@pytest.mark.parametrize("spec", [s for s in SPECS if len(s) > 1])
+def test_dense_and_pair_fill_paths_match_dense(spec, monkeypatch):
+    """Crossed terms: the BLAS fill of a dense Schur complement (small problems) and the
+    pair-of-pairs fill (forced here, the path of large sparse problems) both match numpy."""
+    import fitting.structure as S
+
+    rng = np.random.default_rng(7 + len(spec))
+    terms = random_terms(rng, 60, spec)
+    dense = build_structure(terms, 60)
+    assert dense.level.dense
+    monkeypatch.setattr(S, "_DENSE_L21_MAX", 0)
+    pairs = build_structure(terms, 60)
+    assert not pairs.level.dense
+    _check_against_dense(pairs, np.random.default_rng(3))
+    _check_against_dense(dense, np.random.default_rng(3))
+
+
 def _check_against_dense(struct, rng):
     n = struct.n
     theta = rng.normal(size=struct.ntheta)
