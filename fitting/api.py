@@ -68,7 +68,8 @@ from .penalized import check_penalty, fit_glmm_penalized
 from .result import Diagnostics, FitResult, OptInfo
 from .structure import build_structure
 
-__all__ = ["fit", "fit_design", "CONTROL_DEFAULTS"]
+__all__ = ["fit", "fit_design", "CONTROL_DEFAULTS", "METHODS", "check_control", "check_method",
+           "single_thread_blas"]
 
 CONTROL_DEFAULTS = {
     "start": None,
@@ -91,8 +92,13 @@ _CONTROLLER = None
 
 
 @contextmanager
-def _single_thread_blas():
-    """Limit BLAS to one thread: the matrices are small and threads only add overhead."""
+def single_thread_blas():
+    """Context manager limiting BLAS to one thread (the matrices are small: threads only add overhead).
+
+    Used by :func:`fit`, :func:`fit_design` and :func:`fitting.batch.fit_many`; a no-op
+    when BLAS already runs single-threaded (e.g. in a batch worker) or without
+    ``threadpoolctl``.
+    """
     global _CONTROLLER
     try:
         from threadpoolctl import ThreadpoolController
@@ -108,7 +114,25 @@ def _single_thread_blas():
         yield
 
 
-def _check_control(control) -> dict:
+def check_control(control) -> dict:
+    """Validate a ``control`` dict and fill in the defaults of :data:`CONTROL_DEFAULTS`.
+
+    Parameters
+    ----------
+    control : dict or None
+        See the module docstring for the keys.
+
+    Returns
+    -------
+    dict
+        A new dict with every key of :data:`CONTROL_DEFAULTS` (``penalty`` normalised to
+        a prior scale or None, ``nagq`` checked).
+
+    Raises
+    ------
+    ValueError
+        Not a dict, an unknown key (all valid keys listed) or an invalid value (named).
+    """
     ctl = dict(CONTROL_DEFAULTS)
     if control is None:
         return ctl
@@ -178,21 +202,38 @@ def fit(formula: str, data, family: str | Family = "gaussian", link: str | None 
     FormulaError, DataError, FamilyError, ConvergenceError, ValueError
     """
     t0 = time.perf_counter()
-    ctl = _check_control(control)
+    ctl = check_control(control)
     fam = get_family(family, link)
-    method = _check_method(method, fam, reml, ctl)
+    method = check_method(method, fam, reml, ctl)
     from .frame import build_design
 
-    with _single_thread_blas():
+    with single_thread_blas():
         design = build_design(formula, data, fam.name, weights=weights, offset=offset,
                               na_action=ctl["na_action"])
         return _fit(design, fam, str(formula), reml, method, ctl, t0)
 
 
-def _check_method(method, fam, reml, ctl=None) -> str:
+def check_method(method, fam, reml, ctl=None) -> str:
     """Validate ``method`` against the family (and the control dict, when given).
 
-    With ``ctl``, ``ctl["nagq"]`` defaults to ``"auto"`` for ``method="agq"``.
+    Parameters
+    ----------
+    method : str
+        ``"laplace"`` or ``"agq"`` (case-insensitive).
+    fam : Family
+    reml : bool
+    ctl : dict, optional
+        A checked control dict (:func:`check_control`); with it, ``ctl["nagq"]`` is set to
+        ``"auto"`` for ``method="agq"`` when not given (the dict is modified).
+
+    Returns
+    -------
+    str
+        The method, lower case.
+
+    Raises
+    ------
+    ValueError, FamilyError
     """
     m = str(method).lower()
     if ctl is None:
@@ -222,10 +263,10 @@ def fit_design(design: Design, family: str | Family = "gaussian", link: str | No
                control: dict | None = None) -> FitResult:
     """Fit a ready :class:`~fitting.design.Design` (the stages after ``build_design``)."""
     t0 = time.perf_counter()
-    ctl = _check_control(control)
+    ctl = check_control(control)
     fam = get_family(family, link)
-    method = _check_method(method, fam, reml, ctl)
-    with _single_thread_blas():
+    method = check_method(method, fam, reml, ctl)
+    with single_thread_blas():
         return _fit(design, fam, formula or design.response, reml, method, ctl, t0)
 
 

@@ -20,7 +20,11 @@ Stages (each stratum's answer is the one :func:`fitting.fit` gives on that strat
    strata leaving the working set.
 4. **Results** (:mod:`fitting.batch_results`): ``fit``'s post-processing (canonical θ,
    zeroing a near-zero θ, vcov from the Hessian, lme4's convergence checks) batched, one
-   :class:`~fitting.result.FitResult` per stratum with ``optimizer="batched-newton"``.
+   :class:`~fitting.result.FitResult` per stratum with ``optimizer="batched-newton"``;
+   the post-fit checks of binomial/Poisson GLMMs (Laplace adequacy, degenerate groups,
+   separation screen, their warnings) through the same
+   :func:`fitting.glmm_checks.glmm_diagnostics` as ``fit``, the adequacy and degenerate
+   counts computed for the whole chunk at once (:mod:`fitting.batch_checks`).
    A stratum the batched path cannot vouch for (iteration limit, indefinite or nearly
    singular Hessian as under separation, failed PIRLS) is refitted by ``fit_design``,
    so its answer (result or error) is exactly ``fit``'s.
@@ -39,7 +43,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from .api import CONTROL_DEFAULTS, _check_control, _check_method, _single_thread_blas, fit_design
+from .api import CONTROL_DEFAULTS, check_control, check_method, single_thread_blas, fit_design
+from .batch_checks import chunk_checks
 from .batch_kernels import row_kernel
 from .batch_newton import glm_start, newton
 from .batch_results import build_result, chunk_tables, finish_chunk
@@ -64,9 +69,9 @@ _MAX_NEWTON = 200
 #: IRLS steps of the GLM start (2 give the same Newton path as a converged GLM)
 GLM_STEPS = 3
 #: control keys the batched path honours; any other key set away from its default
-#: (an option added to ``fit`` later, e.g. a penalty) sends the strata to ``fit_design``
+#: (``penalty``, or an option added to ``fit`` later) sends the strata to ``fit_design``
 BATCH_CONTROL = frozenset({"start", "maxiter", "gtol", "se", "na_action", "check_singular_tol",
-                           "pirls_tol", "nagq"})
+                           "pirls_tol", "nagq", "check_laplace", "check_separation"})
 _NUMERIC_ERRORS = (np.linalg.LinAlgError, FloatingPointError, ZeroDivisionError, OverflowError)
 
 
@@ -113,9 +118,9 @@ def fit_many(formula: str, data, by, family: str | Family = "gaussian", link: st
         For arguments that are wrong for every stratum (formula, family, control,
         method, ``by`` columns, ``max_rows``).
     """
-    ctl = _check_control(control)
+    ctl = check_control(control)
     fam = get_family(family, link)
-    _check_method(method, fam, reml)
+    check_method(method, fam, reml, ctl)
     by = [by] if isinstance(by, str) else list(by)
     if not by:
         raise ValueError("by must name at least one column")
@@ -135,7 +140,7 @@ def fit_many(formula: str, data, by, family: str | Family = "gaussian", link: st
     formula = str(formula)
     starts = {(k if isinstance(k, tuple) else (k,)): v for k, v in (start or {}).items()}
 
-    with _single_thread_blas():
+    with single_thread_blas():
         strata = _split(data, by, parsed, weights, offset)
         results: dict = {key: None for key, *_ in strata}
         batch_ok = all(_is_default(key, ctl[key]) for key in set(ctl) - BATCH_CONTROL)
@@ -294,7 +299,11 @@ def _fit_chunk(chunk: list, fam, formula: str, ctl: dict, reml, method) -> dict:
     fin = finish_chunk(st, kern, res, se=ctl["se"], singular_tol=float(ctl["check_singular_tol"]))
     t_num = time.perf_counter() - t0
     info = {"batch_strata": int(st.S), "batch_rows": int(st.N), "batch_elapsed": float(t_num)}
-    tables = chunk_tables(designs, fin, st, np.flatnonzero(~fin.refit))
+    keep = np.flatnonzero(~fin.refit)
+    tables = chunk_tables(designs, fin, st, keep)
+    t1 = time.perf_counter()
+    checks = chunk_checks(st, kern, fin, designs, keep, fam, ctl)
+    t_checks = time.perf_counter() - t1
     out = {}
     for s, (key, design, spec, t_design) in enumerate(chunk):
         if fin.refit[s]:
@@ -302,5 +311,6 @@ def _fit_chunk(chunk: list, fam, formula: str, ctl: dict, reml, method) -> dict:
             continue
         share = t_design + t_num * design.nobs / st.N
         out[key] = build_result(design, fam, formula, fin, res, s, tables, z0=z0[s], elapsed=share, ctl=ctl,
-                                chunk_info=dict(info, design_elapsed=float(t_design)))
+                                chunk_info=dict(info, design_elapsed=float(t_design)),
+                                checks=checks.get(s, {}), checks_elapsed=t_checks * design.nobs / st.N)
     return out

@@ -14,6 +14,7 @@ the caller hands them to :func:`fitting.fit_design` and the answer is exactly ``
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,7 @@ from . import inference
 from .batch_laplace import evaluate, lambdas
 from .batch_newton import NewtonResult
 from .batch_stack import Stack, tril_layout
+from .glmm_checks import glmm_diagnostics
 from .result import Diagnostics, FitResult, OptInfo
 
 __all__ = ["Finished", "finish_chunk", "ChunkTables", "chunk_tables", "build_result", "theta_names", "SNAP", "SNAP_TOL", "FLAT_EIGEN"]
@@ -62,6 +64,8 @@ class Finished:
         Why a stratum is refitted ("" otherwise).
     extra_evaluations : ndarray of int
         Evaluations spent here (snapping).
+    group_first : ndarray of int
+        First group of each stratum in ``u``/``Ainv`` (the stack's ``group_first``).
     """
 
     z: np.ndarray
@@ -78,6 +82,7 @@ class Finished:
     refit: np.ndarray
     reason: list
     extra_evaluations: np.ndarray
+    group_first: np.ndarray
 
 
 def _canonical(st: Stack, res: NewtonResult, nt: int):
@@ -184,7 +189,7 @@ def finish_chunk(st: Stack, kern, res: NewtonResult, *, se: str = "hessian",
             reason[s] = why
     return Finished(z=res.z, f=res.f, g=res.g, H=H, u=res.u, Ainv=res.Ainv, V=V, hessian_pd=hessian_pd,
                     grad_ok=grad_ok, maxmin=maxmin, singular=singular, refit=refit, reason=reason,
-                    extra_evaluations=extra)
+                    extra_evaluations=extra, group_first=st.group_first)
 
 
 @dataclass(frozen=True)
@@ -269,8 +274,15 @@ def chunk_tables(designs: list, fin: Finished, st: Stack, strata) -> ChunkTables
 
 
 def build_result(design, fam, formula: str, fin: Finished, res: NewtonResult, s: int, tables: ChunkTables,
-                 *, z0: np.ndarray, elapsed: float, ctl: dict, chunk_info: dict) -> FitResult:
-    """The :class:`FitResult` of stratum ``s`` of a finished chunk (same fields as ``fit``)."""
+                 *, z0: np.ndarray, elapsed: float, ctl: dict, chunk_info: dict, checks: dict | None = None,
+                 checks_elapsed: float = 0.0) -> FitResult:
+    """The :class:`FitResult` of stratum ``s`` of a finished chunk (same fields as ``fit``).
+
+    ``checks`` holds this stratum's precomputed post-fit checks
+    (:func:`fitting.batch_checks.chunk_checks`, keyword arguments of
+    :func:`fitting.glmm_checks.glmm_diagnostics`; the checks not given are run here) and
+    ``checks_elapsed`` the stratum's share of their time.
+    """
     term = design.re_terms[0]
     k, p = term.k, design.p
     nt = k * (k + 1) // 2
@@ -300,6 +312,11 @@ def build_result(design, fam, formula: str, fin: Finished, res: NewtonResult, s:
                "log": list(res.log[s]), **chunk_info},
     )
     diag = Diagnostics(converged, singular, float(np.abs(g).max()), hpd, tuple(warn))
+    t_checks = time.perf_counter()
+    gsl = slice(int(fin.group_first[s]), int(fin.group_first[s] + term.n_levels))
+    diag = glmm_diagnostics(diag, design, fam, theta, beta, std_error=np.sqrt(np.diag(V)), modes=fin.u[gsl],
+                            method="laplace", ctl=ctl, **(checks or {}))
+    opt.extra["checks_elapsed"] = checks_elapsed + time.perf_counter() - t_checks
     fixed, varcorr, ranef = tables.for_stratum(s)
     return FitResult(
         formula=formula, family=fam.name, link=fam.link.name, method="laplace", reml=False,

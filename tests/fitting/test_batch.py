@@ -14,6 +14,7 @@ from fitting.errors import DataError, FittingError
 from fitting.families import get_family
 from fitting.frame import build_design
 from fitting.glmm import GlmmModel, laplace
+from fitting.glmm_checks import check_laplace_at
 from fitting.response import make_response
 from fitting.structure import build_structure
 
@@ -273,6 +274,7 @@ def test_random_slope_strata(formula):
         ref = fitting.fit(formula, data[data["s"] == s], "binomial")
         assert res.optinfo.optimizer == "batched-newton"
         assert_same_fit(res, ref, est=_est_tol(ref))
+        _assert_same_diagnostics(res, ref, tol=_check_tol(res, ref))
 
 
 def test_argument_errors_raise_once():
@@ -418,3 +420,124 @@ def test_counts_weights_and_offsets_match_fit():
             ref = fitting.fit(formula, data[rows], family, **kw1)
             assert res.optinfo.optimizer == "batched-newton", (formula, s)
             assert_same_fit(res, ref, est=_est_tol(ref))
+            _assert_same_diagnostics(res, ref, tol=_check_tol(res, ref))
+
+
+# ------------------------------------------------------- post-fit checks (glmm_checks)
+def _assert_same_tree(a, b, path="", tol=1e-6):
+    """Equal JSON trees: floats within ``tol``, everything else exactly."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (path, a, b)
+        for key in a:
+            _assert_same_tree(a[key], b[key], f"{path}.{key}", tol)
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), (path, a, b)
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tree(x, y, f"{path}[{i}]", tol)
+    elif isinstance(a, float) and not isinstance(b, bool):
+        assert isinstance(b, (int, float)) and abs(a - b) <= tol, (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+def _check_tol(res, ref):
+    """1e-6 plus the first-order effect of fit's distance from the optimum (see below)."""
+    return 1e-6 + 0.1 * float(np.abs(np.r_[res.theta - ref.theta, res.beta - ref.beta]).max())
+
+
+#: Diagnostics keys that are facts of the optimiser, not of the post-fit checks: fit's
+#: BFGS stops at |grad| ~1e-5, the batched Newton at ~1e-10 (compared in assert_same_fit)
+_OPTIMIZER_KEYS = ("max_grad",)
+
+
+def _assert_same_diagnostics(res, ref, tol=1e-6):
+    got, want = res.diagnostics.to_dict(), ref.diagnostics.to_dict()
+    for key in _OPTIMIZER_KEYS:
+        got.pop(key), want.pop(key)
+    assert set(got) == set(want)
+    for key in want:  # key by key, so that a failure names the field
+        _assert_same_tree(got[key], want[key], key, tol)
+
+
+@pytest.mark.parametrize("family", ["binomial", "poisson"])
+def test_fit_many_diagnostics_equal_fit(family, binomial_data, binomial_fits):
+    if family == "binomial":
+        data, out = binomial_data, binomial_fits
+    else:
+        data = many_strata("poisson", n_strata=12, seed=5)
+        out = fit_many(FORMULA, data, by="s", family="poisson")
+    n_batched = n_checked = 0
+    for key, res in out.items():
+        ref = _fit_alone(data, key, family=family)
+        if isinstance(ref, FittingError):
+            continue
+        n_batched += res.optinfo.optimizer == "batched-newton"
+        d = res.diagnostics
+        assert d.laplace_adequacy is not None and d.degenerate_groups is not None and not d.penalized
+        assert "checks_elapsed" in res.optinfo.extra
+        _assert_same_diagnostics(res, ref)
+        n_checked += 1
+    assert n_batched >= 12 and n_checked >= n_batched
+
+
+def test_fit_many_diagnostics_flags_and_warnings_equal_fit():
+    """Strata that trip the checks: Laplace inadequate (few rows per group, large sd) and
+    most groups degenerate (rare outcome); the warnings must be fit's, text and order.
+
+    On these nearly flat deviances fit's BFGS stops up to ~3e-4 away from the optimum
+    the batched Newton finds (same log-likelihood to 1e-10); the AGQ log-likelihood is
+    not stationary there and moves by ~0.03x that gap. So the batched check is compared
+    with fit's own check code at the batched estimates to 1e-6, and with fit's report to
+    1e-6 plus that first-order effect.
+    """
+    rng = np.random.default_rng(31)
+    parts = []
+    for s in range(4):
+        d = _stratum(rng, f"a{s}", "binomial", 30, 2, 4, sd=3.0)
+        parts.append(d)
+    for s in range(3):
+        d = _stratum(rng, f"b{s}", "binomial", 25, 3, 8)
+        d["y"] = (rng.random(len(d)) < 0.04).astype(float)
+        parts.append(d)
+    data = pd.concat(parts, ignore_index=True)
+    out = fit_many(FORMULA, data, by="s", family="binomial")
+    warned = set()
+    for key, res in out.items():
+        ref = _fit_alone(data, key)
+        if isinstance(ref, FittingError):
+            assert type(res) is type(ref)
+            continue
+        _assert_same_diagnostics(res, ref, tol=_check_tol(res, ref))
+        if res.optinfo.optimizer == "batched-newton":
+            design = build_design(FORMULA, data[data["s"] == key[0]], "binomial")
+            direct = check_laplace_at(design, get_family("binomial"), res.theta, res.beta)
+            _assert_same_tree(res.diagnostics.to_dict()["laplace_adequacy"], direct, "laplace_adequacy")
+        warned.update(w.split(" ")[0] for w in res.diagnostics.warnings)
+        if res.optinfo.optimizer == "batched-newton":
+            warned.add("batched")
+    assert {"AGQ", "batched"} <= warned and any(w[0].isdigit() for w in warned), warned
+
+
+def test_fit_many_check_controls_are_honoured_like_fit(binomial_data):
+    sub = binomial_data[binomial_data["s"].isin(["s00", "s01", "s02"])]
+    ctl = {"check_laplace": False, "check_separation": True}
+    out = fit_many(FORMULA, sub, by="s", family="binomial", control=ctl)
+    for key, res in out.items():
+        ref = _fit_alone(sub, key, control=ctl)
+        assert res.optinfo.optimizer == "batched-newton"  # honoured by the batched path
+        assert res.diagnostics.laplace_adequacy is None and res.diagnostics.separation is not None
+        _assert_same_diagnostics(res, ref)
+
+
+def test_penalized_control_falls_back_to_fit(binomial_data):
+    keys = ["s00", "s01", "z4_separated"]
+    sub = binomial_data[binomial_data["s"].isin(keys)]
+    ctl = {"penalty": "normal"}
+    out = fit_many(FORMULA, sub, by="s", family="binomial", control=ctl)
+    assert list(out) == [(k,) for k in keys]
+    for key, res in out.items():
+        ref = _fit_alone(sub, key, control=ctl)
+        assert res.optinfo.optimizer == ref.optinfo.optimizer != "batched-newton"
+        assert res.method == ref.method == "laplace+penalized" and res.diagnostics.penalized
+        np.testing.assert_array_equal(np.r_[res.theta, res.beta], np.r_[ref.theta, ref.beta])
+        assert res.diagnostics.to_dict() == ref.diagnostics.to_dict()
