@@ -29,6 +29,9 @@ Measured:
   (target >= 80%). The fitter's own throughput: N processes, each loading a share of a
   sample of strata into memory first (not timed) and then timing a plain loop of
   ``fitting.fit`` over them; the N rates are summed.
+* CPU clock (steadier on a shared machine): the fitter's CPU ms per fit against the
+  service's (worker processes' CPU from psutil samples, and workers + coordinator),
+  both sides including everything they do ("CPU eff" = fitter / service).
 
     python benchmarks/bench_service.py [--quick] [--sizes 200,2000] [--workers 1,2]
         [--fitter-sample 200] [--keep]
@@ -124,6 +127,7 @@ class RssSampler(threading.Thread):
         self.pid, self.interval = pid, interval
         self.peak = 0
         self.peak_children = 0
+        self.children_cpu: dict[int, float] = {}  # pid -> last seen user+sys CPU seconds
         self.stop_evt = threading.Event()
 
     def run(self):
@@ -142,6 +146,8 @@ class RssSampler(threading.Thread):
                 for c in p.children(recursive=True):
                     try:
                         kids += c.memory_info().rss
+                        ct = c.cpu_times()
+                        self.children_cpu[c.pid] = ct.user + ct.system
                     except psutil.Error:
                         pass
                 self.peak_children = max(self.peak_children, kids)
@@ -186,6 +192,9 @@ def run_service(spec: Path, n_strata: int, workers: int, workdir: Path, timeout:
         "coordinator_cpu_s": (rusage.get("utime_s") or 0) + (rusage.get("stime_s") or 0) if rusage else None,
         "psutil_peak_rss_mb": sampler.peak / 2**20 if sampler.peak else None,
         "psutil_peak_children_rss_mb": sampler.peak_children / 2**20 if sampler.peak_children else None,
+        # CPU seconds of the worker processes (last psutil sample of each child; steadier
+        # than wall time on a shared machine)
+        "workers_cpu_s": sum(sampler.children_cpu.values()) if sampler.children_cpu else None,
     }
     # what the store says
     try:
@@ -229,6 +238,7 @@ def _fitter_worker(files: list[str], formula: str, family: str) -> tuple[int, fl
     frames = [pq.read_table(f).to_pandas() for f in files]  # not timed
     fitting.fit(formula, frames[0], family=family)  # warm-up
     n_ok = 0
+    c0 = time.process_time()
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -238,7 +248,7 @@ def _fitter_worker(files: list[str], formula: str, family: str) -> tuple[int, fl
                 n_ok += 1
             except Exception:
                 pass
-    return len(frames), time.perf_counter() - t0, n_ok
+    return len(frames), time.perf_counter() - t0, n_ok, time.process_time() - c0
 
 
 def fitter_throughput(info: dict, workers: int, sample: int) -> dict:
@@ -250,10 +260,13 @@ def fitter_throughput(info: dict, workers: int, sample: int) -> dict:
     with cf.ProcessPoolExecutor(max_workers=workers) as ex:
         outs = list(ex.map(_fitter_worker, chunks, [info["formula"]] * workers,
                            [info["family"]] * workers))
-    rate = sum(n / t for n, t, _ in outs if t > 0)
-    return {"workers": workers, "strata_fitted": sum(n for n, _, _ in outs),
-            "n_ok": sum(k for _, _, k in outs), "per_process": [{"n": n, "s": t} for n, t, _ in outs],
-            "fits_per_s": rate}
+    rate = sum(n / t for n, t, _, _ in outs if t > 0)
+    cpu = sum(c for _, _, _, c in outs)
+    n_all = sum(n for n, _, _, _ in outs)
+    return {"workers": workers, "strata_fitted": n_all,
+            "n_ok": sum(k for _, _, k, _ in outs),
+            "per_process": [{"n": n, "s": t, "cpu_s": c} for n, t, _, c in outs],
+            "fits_per_s": rate, "cpu_ms_per_fit": 1e3 * cpu / n_all if n_all else None}
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,6 +333,15 @@ def main(argv=None) -> int:
         # share of the workers' job time spent inside fitting.fit (service's own record)
         busy = ratio(r.get("fit_elapsed_sum_s"), (r.get("job_s") or 0) * r["workers"])
         r["worker_fit_busy"] = busy
+        # CPU clock: the fitter's CPU per fit / the service's CPU per fit (workers only, and
+        # workers + coordinator); both include start-up costs on the service side
+        n = r["n_strata"]
+        w_ms = 1e3 * r["workers_cpu_s"] / n if r.get("workers_cpu_s") else None
+        all_ms = (1e3 * (r["workers_cpu_s"] + (r.get("coordinator_cpu_s") or 0)) / n
+                  if r.get("workers_cpu_s") else None)
+        r["workers_cpu_ms_per_fit"], r["total_cpu_ms_per_fit"] = w_ms, all_ms
+        r["cpu_efficiency_workers"] = ratio(f.get("cpu_ms_per_fit"), w_ms)
+        r["cpu_efficiency_total"] = ratio(f.get("cpu_ms_per_fit"), all_ms)
         rows.append([
             r["n_strata"], r["workers"], r["exit_code"], r.get("job_status", "?"),
             f"{r['wall_s']:.1f}",
@@ -331,11 +353,16 @@ def main(argv=None) -> int:
             "-" if busy is None else f"{100 * busy:.0f}%",
             "-" if not r["coordinator_peak_rss_mb"] else f"{r['coordinator_peak_rss_mb']:.0f}",
             "-" if not r["psutil_peak_children_rss_mb"] else f"{r['psutil_peak_children_rss_mb']:.0f}",
+            "-" if f.get("cpu_ms_per_fit") is None else f"{f['cpu_ms_per_fit']:.1f}",
+            "-" if w_ms is None else f"{w_ms:.1f}",
+            "-" if all_ms is None else f"{all_ms:.1f}",
+            "-" if r["cpu_efficiency_total"] is None else f"{100 * r['cpu_efficiency_total']:.0f}%",
         ])
     print()
     print(table(["strata", "workers", "exit", "job", "wall s", "e2e fits/s", "job fits/s",
                  "fitter fits/s", "e2e/fitter", "ms/fit in svc", "fit busy", "coord RSS MB",
-                 "workers RSS MB"], rows, align="rrrlrrrrrrrrr"))
+                 "workers RSS MB", "fitter CPU ms/fit", "workers CPU ms/fit",
+                 "all CPU ms/fit", "CPU eff"], rows, align="rrrlrrrrrrrrrrrrr"))
 
     summary = {"speedup_2v1": {}, "rss_growth": None}
     srows = []
@@ -355,6 +382,10 @@ def main(argv=None) -> int:
     effs = [r["efficiency"] for r in runs if r["efficiency"] is not None]
     if effs:
         srows.append(["worst e2e / fitter throughput", f"{100 * min(effs):.0f}%", ">= 80%", check(min(effs), 0.8)])
+    ceffs = [r["cpu_efficiency_total"] for r in runs if r.get("cpu_efficiency_total") is not None]
+    if ceffs:
+        srows.append(["worst CPU efficiency (fitter CPU / service CPU per fit)",
+                      f"{100 * min(ceffs):.0f}%", "(info)", ""])
     print()
     print(table(["measure", "value", "target", "check"], srows, align="lrrl"))
 

@@ -97,15 +97,28 @@ def _records(frame: Any, columns: tuple[str, ...], rename: Mapping[str, str]) ->
     """Rows of ``frame`` as dicts restricted to ``columns`` (after ``rename``)."""
     if frame is None or len(frame) == 0:
         return []
-    frame = frame.rename(columns=dict(rename))
-    present = [c for c in columns if c in frame.columns]
-    out = []
-    for row in frame[present].itertuples(index=False, name=None):
-        rec = {c: jsonable(v) for c, v in zip(present, row)}
-        for c in columns:
-            rec.setdefault(c, None)
-        out.append(rec)
-    return out
+    source: dict[str, Any] = {}
+    for name in frame.columns:  # column-wise: one conversion per column, not per cell
+        source.setdefault(rename.get(name, name), name)
+    n = len(frame)
+    order = [c for c in columns if c in source] + [c for c in columns if c not in source]
+    values = []
+    for c in order:
+        if c not in source:
+            values.append([None] * n)
+            continue
+        col = frame[source[c]]
+        plain = isinstance(col.dtype, np.dtype)  # not a nullable extension dtype
+        if plain and col.dtype.kind == "f":  # finite floats as they are, NaN/inf → None
+            vals = col.to_numpy(dtype=float)
+            ok = np.isfinite(vals)
+            lst = vals.tolist()
+            values.append(lst if ok.all() else [v if k else None for v, k in zip(lst, ok.tolist())])
+        elif plain and col.dtype.kind in "iub":
+            values.append(col.to_numpy().tolist())
+        else:
+            values.append([jsonable(v) for v in col.tolist()])
+    return [dict(zip(order, row)) for row in zip(*values)]
 
 
 def fit_columns(fit: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ PARQUET_SUFFIXES: tuple[str, ...] = (".parquet", ".parq", ".pq")
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _HIVE_DIR = re.compile(r"^[^=/]+=[^/]*$")
-_FOOTER_THREADS = 16
+_FOOTER_THREADS = 16  # remote filesystems: footer reads are latency-bound
+_LOCAL_FOOTER_THREADS = 4  # local disks: more threads only add per-thread malloc arenas
 
 
 class DatasetError(ValueError):
@@ -257,12 +259,25 @@ def _footer(fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
         raise DatasetError(f"unreadable Parquet file {path}: {exc}") from None
 
 
-def _threaded(fn, items: Sequence[Any]) -> Iterator[Any]:
-    if len(items) <= 1:
+def _threaded(fn, items: Sequence[Any], threads: int = _FOOTER_THREADS) -> Iterator[Any]:
+    """``map(fn, items)`` on a few threads, in order, with a bounded window.
+
+    At most ``2 * threads`` results are pending at any time (``Executor.map`` would
+    submit every item at once and hold every finished footer until it is consumed), so
+    client memory stays flat however many files the dataset has.
+    """
+    if len(items) <= 1 or threads <= 1:
         yield from map(fn, items)
         return
-    with ThreadPoolExecutor(max_workers=min(_FOOTER_THREADS, len(items))) as pool:
-        yield from pool.map(fn, items)
+    threads = min(threads, len(items))
+    window: deque = deque()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= 2 * threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 # ------------------------------------------------------------------ handle
@@ -301,6 +316,34 @@ class DatasetHandle:
     def __repr__(self) -> str:
         return (f"DatasetHandle({self.path!r}, files={len(self.files)}, "
                 f"partitioning={self.partitioning!r})")
+
+    @property
+    def _footer_threads(self) -> int:
+        local = isinstance(self.filesystem, pafs.LocalFileSystem)
+        return _LOCAL_FOOTER_THREADS if local else _FOOTER_THREADS
+
+    def file_row_counts(self, files: Sequence[str] | None = None) -> Iterator[tuple[str, int]]:
+        """``(file, rows)`` from each file's footer (metadata only, bounded memory).
+
+        Parameters
+        ----------
+        files : sequence of str, optional
+            Default: all files.
+
+        Yields
+        ------
+        tuple of (str, int)
+            In file order.
+
+        Raises
+        ------
+        DatasetError
+            An unreadable file (named).
+        """
+        for path, md in _threaded(lambda p: (p, _footer(self.filesystem, p)),
+                                  list(self.files if files is None else files),
+                                  self._footer_threads):
+            yield path, int(md.num_rows)
 
     @property
     def schema(self) -> pa.Schema:
@@ -361,7 +404,7 @@ class DatasetHandle:
             except DatasetError as exc:
                 return path, exc
 
-        for path, md in _threaded(check, list(self.files)):
+        for path, md in _threaded(check, list(self.files), self._footer_threads):
             if isinstance(md, DatasetError):
                 raise md
             total += md.num_rows
@@ -402,7 +445,8 @@ class DatasetHandle:
         """
         wanted = [c for c in columns if c not in self.partition_columns]
         for path, md in _threaded(lambda p: (p, _footer(self.filesystem, p)),
-                                  list(self.files if files is None else files)):
+                                  list(self.files if files is None else files),
+                                  self._footer_threads):
             if md.num_row_groups == 0:
                 continue
             first = md.row_group(0)
@@ -727,7 +771,9 @@ def read_slice_table(descriptor: SliceDescriptor) -> pa.Table:
                                  strata_expression(d.strata_columns, d.strata_values, schema))
                      if e is not None])
     try:
-        return dataset.to_table(columns=columns, filter=expr)
+        # single-threaded like the worker it runs on (one task per worker thread): no
+        # hand-offs to Arrow's CPU pool competing with the other workers' fits
+        return dataset.to_table(columns=columns, filter=expr, use_threads=False)
     except (OSError, pa.ArrowException) as exc:
         raise DatasetError(f"reading slice of dataset {d.root} failed: {exc}") from None
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from service.dataset import DatasetHandle, SliceDescriptor
 from service.spec import JobSpec, used_columns
@@ -183,7 +184,9 @@ def plan_strata(handle: DatasetHandle, spec: JobSpec) -> list[StratumPlan]:
 
     Reads only the strata columns (and, inside the scan, the filter columns), one
     record batch at a time; partial counts are merged as they accumulate, so memory
-    stays proportional to the number of strata.
+    stays proportional to the number of strata. When every strata column and every
+    filter column is a hive partition column, no data is read at all: strata come
+    from the folder names and row counts from the file footers.
 
     Parameters
     ----------
@@ -203,6 +206,11 @@ def plan_strata(handle: DatasetHandle, spec: JobSpec) -> list[StratumPlan]:
         n = handle.dataset.count_rows(filter=expr)
         return [StratumPlan(key="", values={}, nrows=int(n))] if n else []
 
+    part = set(handle.partition_columns)
+    if part and set(columns) <= part and {f[0] for f in spec.filters} <= part:
+        counts = _partition_counts(handle, columns, expr)
+        return _plans_from_counts(counts, columns) if counts is not None else []
+
     scanner = handle.dataset.scanner(columns=columns, filter=expr, batch_size=1 << 17)
     partials: list[pa.Table] = []
     for batch in scanner.to_batches():
@@ -214,7 +222,42 @@ def plan_strata(handle: DatasetHandle, spec: JobSpec) -> list[StratumPlan]:
             partials = [_merge(partials, columns)]
     if not partials:
         return []
-    counts = _merge(partials, columns)
+    return _plans_from_counts(_merge(partials, columns), columns)
+
+
+def _partition_counts(handle: DatasetHandle, columns: list[str], expr: Any) -> pa.Table | None:
+    """Row counts per strata when strata and filters use only hive partition columns.
+
+    No data is read: each file's strata values come from its folder names, the job's
+    filters are evaluated on those values (a file passes or fails as a whole) and row
+    counts come from the footers of the files that pass. ``None`` when no row passes.
+    """
+    schema = handle.schema
+    part_cols = list(handle.partition_columns)
+    files: list[str] = []
+    values: dict[str, list] = {c: [] for c in part_cols}
+    for path, vals in handle.file_partitions():
+        files.append(path)
+        for c in part_cols:
+            values[c].append(vals.get(c))
+    table = pa.table({c: pa.array(values[c], type=schema.field(c).type) for c in part_cols})
+    table = table.append_column("__file__", pa.array(range(len(files)), type=pa.int64()))
+    if expr is not None:
+        table = table.filter(expr)
+    if table.num_rows == 0:
+        return None
+    keep = table.column("__file__").to_pylist()
+    nrows = [n for _, n in handle.file_row_counts([files[i] for i in keep])]
+    table = _decode(table.select(columns)).append_column(
+        "count_all", pa.array(nrows, type=pa.int64()))
+    table = table.filter(pa.compute.greater(table.column("count_all"), 0))
+    if table.num_rows == 0:
+        return None
+    return _merge([table], columns)
+
+
+def _plans_from_counts(counts: pa.Table, columns: list[str]) -> list[StratumPlan]:
+    """Aggregated ``(strata columns..., count_all)`` → sorted :class:`StratumPlan` s."""
     counts = counts.sort_by([(c, "ascending") for c in columns])  # nulls last (default)
 
     values_by_col = [counts.column(c).to_pylist() for c in columns]

@@ -55,7 +55,7 @@ from service.runstate import (
     classify_task_error,
     is_transient_storage_error,
 )
-from service.tasks import run_task
+from service.tasks import run_task, warm_up
 from storage.records import JobRecord, StratumPlan
 
 __all__ = ["Runner", "StorageUnavailable", "ProgressCallback", "CANCELLED_MESSAGE"]
@@ -186,6 +186,7 @@ class Runner:
         self.interrupt = interrupt
         #: :class:`AttemptState` of the last attempt run (inspection, tests).
         self.last_state: AttemptState | None = None
+        self._warmers: list = []
 
     # ------------------------------------------------------------- storage calls
     def _db(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -268,6 +269,7 @@ class Runner:
             self.store, job.id, self.owner, job.attempt, self.lease_seconds, self.heartbeat_every
         )
         hb.start()
+        self._warm_workers()
         try:
             try:
                 self._check_interrupt()
@@ -287,6 +289,8 @@ class Runner:
             except Exception as exc:  # planning is deterministic: do not retry forever
                 _log.exception("planning job %s failed", job.id)
                 return self._finish(job, "failed", f"planning failed: {type(exc).__name__}: {exc}")
+            finally:
+                self._warmers = []  # planned: the warm-up futures are no longer needed
             if not tasks:
                 return self._finish(job, None, None)
             done_before = len(plans) - sum(len(t.strata) for t in tasks)
@@ -323,6 +327,18 @@ class Runner:
             return self._finish(job, outcome.status, outcome.message)
         finally:
             hb.stop()
+
+    def _warm_workers(self) -> None:
+        """Let every worker import the fitter while this process plans (fire and forget)."""
+        try:
+            workers = list(self.client.scheduler_info().get("workers", {}))
+            self._warmers = [
+                self.client.submit(warm_up, pure=False, workers=[w], allow_other_workers=False,
+                                   key=f"stratafit-warm-{i}-{time.monotonic_ns()}")
+                for i, w in enumerate(workers)
+            ]
+        except Exception as exc:  # an optimisation only
+            _log.debug("warming workers failed: %s", exc)
 
     def _check_interrupt(self) -> None:
         if self.interrupt is not None and self.interrupt.is_set():

@@ -12,6 +12,7 @@ I/O) propagate, so the runner can tell them apart and retry them.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,10 +21,18 @@ import pandas as pd
 from service.convert import failed_result, to_stratum_result
 from storage.records import StratumPlan, StratumResult
 
-__all__ = ["run_task", "split_strata", "fit_stratum", "EMPTY_STRATUM"]
+__all__ = ["run_task", "split_strata", "fit_stratum", "fit_batched", "warm_up", "BATCHED",
+           "EMPTY_STRATUM"]
 
 #: ``error_class`` of a planned stratum with no rows in its slice.
 EMPTY_STRATUM = "EmptyStratum"
+
+#: Fit a task's strata together with ``fitting.fit_many`` (batched Newton, ~3x faster on
+#: the demo's binomial random-intercept strata) instead of one ``fitting.fit`` each. Off
+#: by default: its estimates agree with ``fit`` to ~1e-7 but its standard errors (exact
+#: Hessian instead of ``fit``'s finite differences) differ by up to ~1e-4 relative, and
+#: the stored optimiser record differs. ``STRATAFIT_BATCHED=1`` on the workers turns it on.
+BATCHED = os.environ.get("STRATAFIT_BATCHED", "") == "1"
 
 
 def _plain(value: Any) -> Any:
@@ -83,7 +92,10 @@ def split_strata(
         key = stratum_key(columns, [_plain(v) for v in group_values])
         if key not in wanted:
             continue
-        rows = data.take(index).reset_index(drop=True)
+        if len(index) and index[-1] - index[0] + 1 == len(index):  # contiguous rows: slice
+            rows = data.iloc[int(index[0]):int(index[-1]) + 1].reset_index(drop=True)
+        else:
+            rows = data.take(index).reset_index(drop=True)
         if key in out:  # two raw values with one key (e.g. 1 and 1.0)
             rows = pd.concat([out[key], rows], ignore_index=True)
         out[key] = rows
@@ -126,6 +138,67 @@ def fit_stratum(
     return to_stratum_result(key, outcome, store_random_effects=store_random_effects)
 
 
+def fit_batched(
+    data: pd.DataFrame,
+    plans: Sequence[StratumPlan],
+    columns: Sequence[str],
+    fit_kwargs: Mapping[str, Any],
+    store_random_effects: bool,
+) -> dict[str, StratumResult] | None:
+    """Fit the strata of one slice with ``fitting.fit_many``; ``None`` to fall back.
+
+    Per-stratum failures stay isolated (``fit_many`` returns the error ``fit`` would
+    raise for that stratum). Any error of the call as a whole, a missing ``fit_many``,
+    a job without strata columns, or two raw values sharing one stratum key return
+    ``None``: the caller then fits stratum by stratum.
+
+    Returns
+    -------
+    dict or None
+        Stratum key → result for the planned strata that have rows.
+    """
+    from service.planner import stratum_key
+
+    columns = list(columns)
+    if not columns or len(data) == 0:
+        return None
+    try:
+        import fitting
+
+        fit_many = fitting.fit_many
+    except (ImportError, AttributeError):
+        return None
+    kwargs = dict(fit_kwargs)
+    formula = kwargs.pop("formula")
+    try:
+        outcomes = fit_many(formula, data, by=columns, **kwargs)
+    except Exception:  # whatever it is, the per-stratum path will report it per stratum
+        return None
+    wanted = {p.key for p in plans}
+    out: dict[str, StratumResult] = {}
+    for values, outcome in outcomes.items():
+        values = values if isinstance(values, tuple) else (values,)
+        key = stratum_key(columns, [_plain(v) for v in values])
+        if key not in wanted:
+            continue
+        if key in out:
+            return None
+        out[key] = to_stratum_result(key, outcome, store_random_effects=store_random_effects)
+    return out
+
+
+def warm_up() -> bool:
+    """Import what :func:`run_task` needs (the fitter, pyarrow.dataset), then return.
+
+    The runner sends this to every worker before it plans a job, so the workers' first
+    imports (about a second) overlap planning instead of delaying the first task.
+    """
+    import fitting  # noqa: F401
+    import service.dataset  # noqa: F401
+
+    return True
+
+
 def _read(descriptor: Any) -> pd.DataFrame:
     from service.dataset import read_slice
 
@@ -161,8 +234,14 @@ def run_task(
     plans: list[StratumPlan] = list(task.strata)
     data = _read(task.descriptor)
     columns = tuple(getattr(task.descriptor, "strata_columns", ()) or ())
-    parts = split_strata(data, plans, columns)
     empty = data.iloc[0:0]
+    if BATCHED:
+        done = fit_batched(data, plans, columns, fit_kwargs, store_random_effects)
+        if done is not None:
+            return [done[p.key] if p.key in done
+                    else fit_stratum(p.key, empty, fit_kwargs, store_random_effects)
+                    for p in plans]
+    parts = split_strata(data, plans, columns)
     return [
         fit_stratum(p.key, parts.get(p.key, empty), fit_kwargs, store_random_effects)
         for p in plans

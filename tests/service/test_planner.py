@@ -176,6 +176,37 @@ def test_hive_strata_counts(hive):
         pandas_counts(frame, ["region", "year"])
 
 
+@pytest.mark.parametrize("filters", [
+    [], [["year", "==", 2021]], [["region", "in", ["b", "zz"]], ["year", ">=", 2020]],
+    [["region", "!=", "a"]], [["year", ">", 3000]],
+])
+def test_partition_strata_from_metadata_match_scan(tmp_path, monkeypatch, filters):
+    """Strata + filters on hive columns only: no data read, same plans as a scan."""
+    import service.planner as planner_mod
+
+    rng = np.random.default_rng(5)
+    for region, year, n in [("a", 2020, 30), ("a", 2021, 12), ("b", 2020, 7), ("b", 2021, 0),
+                            ("__HIVE_DEFAULT_PARTITION__", 2021, 9), ("c", 2020, 5)]:
+        folder = tmp_path / f"region={region}" / f"year={year}"
+        folder.mkdir(parents=True)
+        f = pd.DataFrame({"y": rng.normal(size=n), "x": rng.normal(size=n)})
+        pq.write_table(pa.Table.from_pandas(f, preserve_index=False), folder / "part-0.parquet")
+        if region == "a":  # two files in one folder
+            pq.write_table(pa.Table.from_pandas(f, preserve_index=False), folder / "part-1.parquet")
+    h = open_dataset(tmp_path)
+    spec = spec_for(tmp_path, strata=["region", "year"], filters=filters)
+    fast = plan_strata(h, spec)
+    calls = []
+    monkeypatch.setattr(planner_mod, "_partition_counts",
+                        lambda *a: calls.append(a) or pytest.fail("metadata path used"))
+    monkeypatch.setattr(type(h), "partition_columns", property(lambda self: ()))
+    slow = plan_strata(h, spec)
+    assert fast == slow
+    assert all(p.nrows > 0 for p in fast)
+    if not filters:
+        assert [p.key for p in fast][-1] == "region=__null__/year=2021"
+
+
 # ------------------------------------------------------------------ packing
 
 
