@@ -1,5 +1,8 @@
 """Laplace GLMM fit: GLM start → whitened (θ, β) → L-BFGS → Hessian → FitResult.
 
+Models with one grouping factor are first tried by exact Newton
+(:mod:`fitting.newton_fit`); this path answers the rest and whatever that one hands back.
+
 The optimiser works in whitened coordinates (:func:`fitting.optimize.minimize_whitened`):
 ``(θ, β) = z0 + C x`` with ``C'HC ≈ I`` from a finite-difference Hessian of the analytic
 gradient at the start. θ is unbounded: the Laplace deviance is unchanged when a column of
@@ -177,7 +180,16 @@ def _final_hessian(model, z, ev, C, grad):
 
 
 def fit_glmm(design, fam, formula, ctl, t0) -> FitResult:
-    """Laplace fit of a GLMM design (called by :func:`fitting.api.fit`)."""
+    """Laplace fit of a GLMM design (called by :func:`fitting.api.fit`).
+
+    One grouping factor: exact Newton (:func:`fitting.newton_fit.fit_glmm_newton`); this
+    whitened-BFGS path serves the other models and any fit that one hands back.
+    """
+    from .newton_fit import fit_glmm_newton
+
+    res = fit_glmm_newton(design, fam, formula, ctl, t0)
+    if res is not None:
+        return res
     resp = make_response(design.y, design.weights, design.offset, fam)
     struct = build_structure(design.re_terms, design.nobs)
     model = GlmmModel(struct, design.X, resp)

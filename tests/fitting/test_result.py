@@ -148,7 +148,7 @@ def test_optinfo_and_diagnostics_json(cbpp_fit):
     r = cbpp_fit
     o = r.optinfo
     assert isinstance(o, OptInfo) and isinstance(r.diagnostics, Diagnostics)
-    assert o.optimizer == "BFGS"
+    assert o.optimizer == "newton"  # one grouping factor: exact Newton (fitting.newton_fit)
     assert o.evaluations == len(o.extra["log"])
     assert len(o.final_gradient) == len(o.initial) == len(o.final) == 5
     assert o.converged_code == 0

@@ -1,0 +1,74 @@
+"""fitting.newton_fit: fit's exact-Newton path for one grouping factor (vs its BFGS path)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fitting
+import fitting.newton_fit as nf
+from fitting.api import check_control
+from fitting.families import get_family
+from fitting.frame import build_design
+from fitting.glmm_fit import fit_glmm
+
+from . import _designs as D
+
+CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+SLOPE = "use ~ age + I(age^2) + urban + livch + (urban | district)"
+RI = "use ~ age + I(age^2) + urban + livch + (1 | district)"
+
+
+def _bfgs(formula, df, monkeypatch, family="binomial"):
+    """fit_glmm's BFGS path alone (the Newton path declined)."""
+    fam = get_family(family)
+    design = build_design(formula, df, fam.name)
+    with monkeypatch.context() as m:
+        m.setattr(nf, "fit_glmm_newton", lambda *a, **k: None)
+        return fit_glmm(design, fam, formula, check_control(None), 0.0)
+
+
+@pytest.mark.parametrize("formula,data", [(CBPP, "cbpp"), (RI, "Contraception")])
+def test_newton_matches_bfgs_with_fewer_evaluations(formula, data, monkeypatch):
+    df = D.load(data)
+    r = fitting.fit(formula, df, "binomial")
+    ref = _bfgs(formula, df, monkeypatch)
+    o = r.optinfo
+    assert o.optimizer == "newton" and o.converged_code == 0 and r.diagnostics.converged
+    assert o.evaluations == len(o.extra["log"]) <= 8
+    assert o.evaluations < ref.optinfo.evaluations + ref.optinfo.extra["start_evaluations"]
+    assert r.diagnostics.max_grad < 1e-6
+    assert r.loglik == pytest.approx(ref.loglik, abs=1e-8)
+    np.testing.assert_allclose(np.r_[r.theta, r.beta], np.r_[ref.theta, ref.beta], atol=1e-5)
+    # exact Hessian vs BFGS's forward differences: a few 1e-4 relative at most
+    np.testing.assert_allclose(r.fixed["std_error"], ref.fixed["std_error"], rtol=1e-3)
+    assert r.theta_names == ref.theta_names and r.ngroups == ref.ngroups
+    assert list(r.fixed.columns) == list(ref.fixed.columns)
+    assert list(r.varcorr.columns) == list(ref.varcorr.columns)
+    np.testing.assert_allclose(r.ranef["mode"], ref.ranef["mode"], atol=1e-5)
+    np.testing.assert_allclose(r.ranef["cond_sd"], ref.ranef["cond_sd"], atol=1e-5)
+    assert r.vcov_full is not None and r.vcov_full.shape == ref.vcov_full.shape
+
+
+def test_rx_standard_errors_and_start():
+    df = D.load("cbpp")
+    r = fitting.fit(CBPP, df, "binomial", control={"se": "rx"})
+    assert r.optinfo.optimizer == "newton" and r.diagnostics.hessian_pd is None and r.vcov_full is None
+    warm = fitting.fit(CBPP, df, "binomial", control={"start": {"theta": r.theta.tolist(), "beta": r.beta.tolist()}})
+    assert warm.optinfo.evaluations <= 2
+    with pytest.raises(ValueError, match="start"):
+        fitting.fit(CBPP, df, "binomial", control={"start": {"theta": [1.0, 2.0]}})
+
+
+def test_several_grouping_factors_use_bfgs():
+    df = D.load("grouseticks")
+    r = fitting.fit("TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | LOCATION)", df, "poisson")
+    assert r.optinfo.optimizer == "BFGS"
+
+
+def test_vector_valued_term_within_max_k_uses_newton(monkeypatch):
+    df = D.load("Contraception")
+    assert fitting.fit(SLOPE, df, "binomial").optinfo.optimizer == "BFGS"  # k = 2 > MAX_K
+    monkeypatch.setattr(nf, "MAX_K", 2)
+    r = fitting.fit(SLOPE, df, "binomial")
+    assert r.optinfo.optimizer == "newton" and r.diagnostics.max_grad < 1e-6
+    assert r.optinfo.evaluations == len(r.optinfo.extra["log"]) <= 8
