@@ -34,7 +34,12 @@ Measured:
   both sides including everything they do ("CPU eff" = fitter / service).
 
     python benchmarks/bench_service.py [--quick] [--sizes 200,2000] [--workers 1,2]
-        [--fitter-sample 200] [--keep]
+        [--fitter-sample 200] [--keep] [--batched]
+
+``--batched`` runs the service with ``STRATAFIT_BATCHED=1`` (workers fit each task's
+strata with ``fitting.fit_many``) and times the fitter's own throughput with
+``fitting.fit_many`` over the preloaded strata (by the strata column) instead of a
+``fitting.fit`` loop, so ``e2e/fitter`` compares like with like.
 """
 from __future__ import annotations
 
@@ -156,7 +161,8 @@ class RssSampler(threading.Thread):
             self.stop_evt.wait(self.interval)
 
 
-def run_service(spec: Path, n_strata: int, workers: int, workdir: Path, timeout: float) -> dict:
+def run_service(spec: Path, n_strata: int, workers: int, workdir: Path, timeout: float,
+                batched: bool = False) -> dict:
     db = workdir / f"store-{n_strata}-{workers}.db"
     if db.exists():
         db.unlink()
@@ -165,6 +171,7 @@ def run_service(spec: Path, n_strata: int, workers: int, workdir: Path, timeout:
            "--store", url, "--no-progress"]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["STRATAFIT_BATCHED"] = "1" if batched else "0"
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
@@ -227,6 +234,39 @@ def run_service(spec: Path, n_strata: int, workers: int, workdir: Path, timeout:
 # ---------------------------------------------------------------------------------------
 # the fitter's own throughput on the same cores
 # ---------------------------------------------------------------------------------------
+def _hive_frame(path: str):
+    """One file as a DataFrame with its hive folder values (``col=value``) as columns."""
+    import pyarrow.parquet as pq
+
+    df = pq.read_table(path).to_pandas()
+    for part in Path(path).parent.parts:
+        if "=" in part:
+            col, _, value = part.partition("=")
+            if col not in df.columns:
+                df[col] = value
+    return df
+
+
+def _fitter_worker_batched(files: list[str], formula: str, family: str, by: list[str]
+                           ) -> tuple[int, float, int, float]:
+    import _common  # noqa: F401  (thread pins in the child too)
+    import warnings
+
+    import pandas as pd
+
+    import fitting
+
+    data = pd.concat([_hive_frame(f) for f in files], ignore_index=True)  # not timed
+    fitting.fit_many(formula, data[data[by[0]] == data[by[0]].iloc[0]], by=by, family=family)
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = fitting.fit_many(formula, data, by=by, family=family)
+    n_ok = sum(not isinstance(v, Exception) for v in out.values())
+    return len(files), time.perf_counter() - t0, n_ok, time.process_time() - c0
+
+
 def _fitter_worker(files: list[str], formula: str, family: str) -> tuple[int, float, int]:
     import _common  # noqa: F401  (thread pins in the child too)
     import warnings
@@ -251,19 +291,24 @@ def _fitter_worker(files: list[str], formula: str, family: str) -> tuple[int, fl
     return len(frames), time.perf_counter() - t0, n_ok, time.process_time() - c0
 
 
-def fitter_throughput(info: dict, workers: int, sample: int) -> dict:
+def fitter_throughput(info: dict, workers: int, sample: int, batched: bool = False) -> dict:
     files = sorted(str(f) for f in Path(info["path"]).rglob("*.parquet"))
     if sample and len(files) > sample:
         step = len(files) / sample
         files = [files[int(i * step)] for i in range(sample)]
     chunks = [files[i::workers] for i in range(workers)]
     with cf.ProcessPoolExecutor(max_workers=workers) as ex:
-        outs = list(ex.map(_fitter_worker, chunks, [info["formula"]] * workers,
-                           [info["family"]] * workers))
+        if batched:
+            outs = list(ex.map(_fitter_worker_batched, chunks, [info["formula"]] * workers,
+                               [info["family"]] * workers,
+                               [list(info["strata_columns"])] * workers))
+        else:
+            outs = list(ex.map(_fitter_worker, chunks, [info["formula"]] * workers,
+                               [info["family"]] * workers))
     rate = sum(n / t for n, t, _, _ in outs if t > 0)
     cpu = sum(c for _, _, _, c in outs)
     n_all = sum(n for n, _, _, _ in outs)
-    return {"workers": workers, "strata_fitted": n_all,
+    return {"workers": workers, "batched": batched, "strata_fitted": n_all,
             "n_ok": sum(k for _, _, k, _ in outs),
             "per_process": [{"n": n, "s": t, "cpu_s": c} for n, t, _, c in outs],
             "fits_per_s": rate, "cpu_ms_per_fit": 1e3 * cpu / n_all if n_all else None}
@@ -281,6 +326,8 @@ def main(argv=None) -> int:
                     help="strata sampled for the fitter's own throughput (default 200, quick 50)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per run, seconds")
     ap.add_argument("--keep", action="store_true", help="keep the SQLite stores (in benchmarks/out/service-runs)")
+    ap.add_argument("--batched", action="store_true",
+                    help="STRATAFIT_BATCHED=1 on the service; fitter side timed with fit_many")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("50,200" if args.quick else "200,2000")).split(",")]
     workers = [int(w) for w in args.workers.split(",")]
@@ -288,6 +335,8 @@ def main(argv=None) -> int:
 
     info = machine_info()
     print(header("bench_service (issue #5): stratafit run end to end", info))
+    print("mode: " + ("batched (STRATAFIT_BATCHED=1; fitter side: fitting.fit_many)" if args.batched
+                      else "per stratum (fitting.fit)"))
     try:
         import fitting  # noqa: F401
         from service import cli  # noqa: F401
@@ -310,7 +359,7 @@ def main(argv=None) -> int:
                   f"({d['writer']}), {d['formula']} by {d['strata_columns']}", flush=True)
             spec = write_spec(d, workdir)
             for w in workers:
-                r = run_service(spec, n, w, workdir, args.timeout)
+                r = run_service(spec, n, w, workdir, args.timeout, batched=args.batched)
                 runs.append(r)
                 print(f"  run {n} strata, {w} worker(s): exit {r['exit_code']}, {r['wall_s']:.1f} s, "
                       f"status {r.get('job_status')}, peak RSS {r['coordinator_peak_rss_mb']} MB",
@@ -319,7 +368,7 @@ def main(argv=None) -> int:
                     print("    stderr:", " | ".join(r["stderr_tail"]), file=sys.stderr)
             for w in workers:
                 if (n, w) not in fitter:
-                    fitter[(n, w)] = fitter_throughput(d, w, sample)
+                    fitter[(n, w)] = fitter_throughput(d, w, sample, batched=args.batched)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -373,7 +422,21 @@ def main(argv=None) -> int:
         summary["speedup_2v1"][n] = sp
         srows.append([f"speedup 2 vs 1 workers, {n} strata", fmt_ratio(sp), ">= 1.8", check(sp, 1.8)])
     if len(sizes) >= 2:
+        # fixed cost per job (imports, cluster start/stop, planning) from the two sizes of
+        # the same run: wall = fixed + n x marginal
         lo, hi = min(sizes), max(sizes)
+        summary["fixed_s"] = {}
+        for w in workers:
+            a, b = by.get((lo, w)), by.get((hi, w))
+            if not (a and b and a["exit_code"] == 0 and b["exit_code"] == 0):
+                continue
+            marginal = (b["wall_s"] - a["wall_s"]) / (hi - lo)
+            fixed = a["wall_s"] - lo * marginal
+            summary["fixed_s"][w] = {"fixed_s": fixed, "marginal_ms_per_fit": 1e3 * marginal,
+                                     "fixed_share_small": fixed / a["wall_s"]}
+            srows.append([f"fixed start-up per job, {w} worker(s) (share of the {lo}-strata wall)",
+                          f"{fixed:.1f} s ({100 * fixed / a['wall_s']:.0f}%)", "(info)", ""])
+
         peaks = {n: max((r["coordinator_peak_rss_mb"] or 0) for r in runs if r["n_strata"] == n) for n in (lo, hi)}
         g = ratio(peaks[hi], peaks[lo])
         summary["rss_growth"] = {"sizes": [lo, hi], "peak_mb": peaks, "ratio": g}

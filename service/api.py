@@ -13,6 +13,7 @@ migrated on first use; a PostgreSQL store must be migrated once with
 """
 from __future__ import annotations
 
+import concurrent.futures as _cf
 import logging
 import os
 import socket
@@ -20,15 +21,16 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from service.cluster import ClusterUnavailable, bokeh_available, connect, dashboard_link
 from service.progress import ProgressPrinter
 from service.runner import Runner
 from service.spec import JobSpec, load_spec, validate_spec
 from storage.records import JobRecord
+
+if TYPE_CHECKING:  # pandas is imported by results() only
+    import pandas as pd
 
 __all__ = [
     "submit",
@@ -160,13 +162,53 @@ def _announce(client: Any, echo: Echo | None, local: bool) -> None:
 
 
 def _run_claimed(job: JobRecord, st: Any, client: Any, owner: str, progress: Any,
-                 runner_options: Mapping[str, Any]) -> JobRecord:
+                 runner_options: Mapping[str, Any], validated_spec: Any = None) -> JobRecord:
     sink, close = _progress_sink(progress)
     try:
         runner = Runner(st, client, owner, progress=sink, **dict(runner_options))
-        return runner.run_job(job)
+        return runner.run_job(job, validated_spec=validated_spec)
     finally:
         close()
+
+
+class _ClusterStarter:
+    """Connects (starts a LocalCluster) in a background thread.
+
+    ``future`` resolves to the client, or raises what :func:`connect` raised
+    (``ClusterUnavailable``). :meth:`close` waits for the start to end and then closes
+    whatever was started, whether or not anyone used it.
+    """
+
+    def __init__(self, scheduler: str | None, n_workers: int | None, echo: Echo | None):
+        self.scheduler, self.n_workers, self.echo = scheduler, n_workers, echo
+        self.future: _cf.Future = _cf.Future()
+        self._cm: Any = None
+        self._thread = threading.Thread(target=self._start, name="stratafit-connect",
+                                        daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            cm = connect(self.scheduler, self.n_workers)
+            client = cm.__enter__()
+        except BaseException as exc:
+            self.future.set_exception(exc)
+            return
+        self._cm = cm
+        self.future.set_result(client)
+        try:
+            local = not (self.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"))
+            _announce(client, self.echo, local)
+        except Exception as exc:  # informational only
+            _log.debug("announcing the dashboard failed: %s", exc)
+
+    def close(self) -> None:
+        self._thread.join()
+        if self._cm is not None:
+            cm, self._cm = self._cm, None
+            cm.__exit__(None, None, None)
 
 
 def run(
@@ -219,24 +261,33 @@ def run(
     service.cluster.ClusterUnavailable
         No cluster (the job is requeued).
     """
-    st = open_store(store)
-    job = submit(spec, store=st, idempotency_key=idempotency_key)
-    owner = default_owner()
+    js = _spec(spec)  # parse errors surface before any cluster starts
     if interrupt is not None:
         runner_options["interrupt"] = interrupt
     lease = float(runner_options.get("lease_seconds", 60.0))
-    claimed = st.claim_job(owner, lease_seconds=lease, job_id=job.id)
-    if claimed is None:  # finished already, or another live consumer holds it
-        return st.get_job(job.id)
-    if client is not None:
-        return _run_claimed(claimed, st, client, owner, progress, runner_options)
+    # Start the cluster in the background while this thread validates the spec against
+    # the dataset, queues, claims and plans the job; the runner waits for the client
+    # only when it submits the first task. Whatever fails, close() stops the cluster.
+    starter = _ClusterStarter(scheduler, n_workers, echo) if client is None else None
     try:
-        with connect(scheduler, n_workers) as cl:
-            _announce(cl, echo, local=not (scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")))
-            return _run_claimed(claimed, st, cl, owner, progress, runner_options)
-    except ClusterUnavailable as exc:
-        st.requeue_job(claimed.id, claimed.attempt, f"cluster unavailable: {exc}")
-        raise
+        validate_spec(js)
+        st = open_store(store)
+        job = st.submit_job(name=js.name, spec=js.to_dict(), spec_hash=js.spec_hash,
+                            idempotency_key=idempotency_key)[0]
+        owner = default_owner()
+        claimed = st.claim_job(owner, lease_seconds=lease, job_id=job.id)
+        if claimed is None:  # finished already, or another live consumer holds it
+            return st.get_job(job.id)
+        if starter is None:
+            return _run_claimed(claimed, st, client, owner, progress, runner_options, js)
+        try:
+            return _run_claimed(claimed, st, starter.future, owner, progress, runner_options, js)
+        except ClusterUnavailable as exc:
+            st.requeue_job(claimed.id, claimed.attempt, f"cluster unavailable: {exc}")
+            raise
+    finally:
+        if starter is not None:
+            starter.close()
 
 
 def results(job_id: int, table: str = "fits", *, store: Any = None) -> pd.DataFrame:

@@ -9,6 +9,7 @@ Dask's: every worker process gets ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -23,6 +24,8 @@ __all__ = [
     "dashboard_link",
     "bokeh_available",
     "BlasThreadsPlugin",
+    "PreloadPlugin",
+    "PRELOAD_MODULES",
     "ClusterUnavailable",
     "BLAS_ENV",
     "SCHEDULER_ENV",
@@ -67,6 +70,36 @@ class BlasThreadsPlugin(WorkerPlugin):
         except ImportError:  # pragma: no cover - threadpoolctl is a dependency
             return
         threadpool_limits(limits=self.limit)
+
+
+#: Modules every worker imports when it joins (``PreloadPlugin``): what ``run_task`` needs.
+PRELOAD_MODULES = ("service.tasks", "service.convert", "service.dataset", "fitting")
+
+
+class PreloadPlugin(WorkerPlugin):
+    """Import the task code and the fitter in every worker process when it joins.
+
+    Registered by :func:`connect` (on remote clusters too, and for workers joining
+    later), so the first tasks do not pay about a second of imports each. A module
+    that fails to import is logged, not raised: the task would report it.
+
+    Parameters
+    ----------
+    modules : sequence of str, default :data:`PRELOAD_MODULES`
+    """
+
+    name = "stratafit-preload"
+
+    def __init__(self, modules: tuple[str, ...] = PRELOAD_MODULES):
+        self.modules = tuple(modules)
+
+    def setup(self, worker: distributed.Worker) -> None:
+        """Import :attr:`modules` (in the worker process)."""
+        for module in self.modules:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # pragma: no cover - a broken install on a worker
+                _log.warning("worker could not preload %s: %s", module, exc)
 
 
 def _dashboard_address() -> str:
@@ -132,7 +165,8 @@ def connect(
     Yields
     ------
     distributed.Client
-        With :class:`BlasThreadsPlugin` registered. ``dashboard_link(client)`` gives
+        With :class:`PreloadPlugin` and :class:`BlasThreadsPlugin` registered (the
+        workers have imported the fitter when this yields). ``dashboard_link(client)`` gives
         the dashboard address to print.
 
     Raises
@@ -161,10 +195,12 @@ def connect(
         where = address or "local cluster"
         raise ClusterUnavailable(f"cannot connect to Dask scheduler {where}: {exc}") from exc
     try:
-        try:
-            client.register_plugin(BlasThreadsPlugin(), name=BlasThreadsPlugin.name)
-        except Exception as exc:  # pragma: no cover - older clusters
-            _log.warning("could not register BLAS thread plugin: %s", exc)
+        # preload first (loads numpy/scipy's BLAS), then limit the loaded pools
+        for plugin in (PreloadPlugin(), BlasThreadsPlugin()):
+            try:
+                client.register_plugin(plugin, name=plugin.name)
+            except Exception as exc:  # pragma: no cover - older clusters
+                _log.warning("could not register worker plugin %s: %s", plugin.name, exc)
         yield client
     finally:
         with contextlib.suppress(Exception):

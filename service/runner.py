@@ -32,6 +32,7 @@ job requeued so another consumer can resume it.
 """
 from __future__ import annotations
 
+import concurrent.futures as _cf
 import logging
 import threading
 import time
@@ -55,7 +56,7 @@ from service.runstate import (
     classify_task_error,
     is_transient_storage_error,
 )
-from service.tasks import run_task, warm_up
+from service.tasks import run_task, warm_up  # light: imports the fitter only when run
 from storage.records import JobRecord, StratumPlan
 
 __all__ = ["Runner", "StorageUnavailable", "ProgressCallback", "CANCELLED_MESSAGE"]
@@ -124,8 +125,11 @@ class Runner:
     ----------
     store : storage.Store
         The job queue and results store.
-    client : distributed.Client
-        Connected client.
+    client : distributed.Client or concurrent.futures.Future
+        Connected client, or a future resolving to one (a cluster still starting: the
+        runner plans the job first and waits for the client only when it submits; the
+        future's exception, e.g. ``ClusterUnavailable``, propagates from
+        :meth:`run_job`).
     owner : str
         Lease owner name of this consumer (``host:pid:...``).
     lease_seconds : float, default 60
@@ -172,7 +176,7 @@ class Runner:
         interrupt: threading.Event | None = None,
     ):
         self.store = store
-        self.client = client
+        self._client = client
         self.owner = owner
         self.lease_seconds = float(lease_seconds)
         self.heartbeat_every = float(heartbeat_every or lease_seconds / 3.0)
@@ -187,6 +191,24 @@ class Runner:
         #: :class:`AttemptState` of the last attempt run (inspection, tests).
         self.last_state: AttemptState | None = None
         self._warmers: list = []
+
+    # ------------------------------------------------------------------- client
+    @property
+    def client(self) -> distributed.Client:
+        """The Dask client (waits for it when it was given as a future)."""
+        c = self._client
+        if isinstance(c, _cf.Future):
+            c = c.result()
+            self._client = c
+        return c
+
+    @client.setter
+    def client(self, value: Any) -> None:
+        self._client = value
+
+    def _client_pending(self) -> bool:
+        c = self._client
+        return isinstance(c, _cf.Future) and not c.done()
 
     # ------------------------------------------------------------- storage calls
     def _db(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -223,14 +245,18 @@ class Runner:
         return self.store.get_job(job.id)
 
     # ------------------------------------------------------------------ planning
-    def _plan(self, job: JobRecord) -> tuple[Any, Any, list[StratumPlan], list[Any], dict]:
+    def _plan(self, job: JobRecord, validated: Any = None
+              ) -> tuple[Any, Any, list[StratumPlan], list[Any], dict]:
         """Spec → (spec, handle, all strata, tasks for pending strata, progress counts)."""
         from service.dataset import open_dataset
         from service.planner import plan_strata, plan_tasks
         from service.spec import load_spec, validate_spec
 
-        spec = load_spec(job.spec)
-        validate_spec(spec)
+        if validated is not None and getattr(validated, "spec_hash", None) == job.spec_hash:
+            spec = validated  # validated against the dataset just now by the caller
+        else:
+            spec = load_spec(job.spec)
+            validate_spec(spec)
         handle = open_dataset(spec.dataset)
         plans = list(plan_strata(handle, spec))
         self._db("register_strata", self.store.register_strata, job.id, job.attempt, plans)
@@ -240,13 +266,16 @@ class Runner:
         return spec, handle, plans, tasks, dict(counts or {})
 
     # ------------------------------------------------------------------- running
-    def run_job(self, job: JobRecord) -> JobRecord:
+    def run_job(self, job: JobRecord, *, validated_spec: Any = None) -> JobRecord:
         """Run one claimed attempt of ``job`` to its end.
 
         Parameters
         ----------
         job : JobRecord
             As returned by ``claim_job`` (its ``attempt`` is the fencing token).
+        validated_spec : JobSpec, optional
+            The job's spec, validated by the caller moments ago (``api.run``): not
+            validated again when its ``spec_hash`` matches the job's.
 
         Returns
         -------
@@ -259,6 +288,9 @@ class Runner:
         StorageUnavailable
             The store stayed unreachable (the lease will expire; another consumer
             resumes the job).
+        service.cluster.ClusterUnavailable
+            The client future failed (the job is left running for the caller to
+            requeue).
         KeyboardInterrupt
             After requeueing the job.
         """
@@ -273,7 +305,7 @@ class Runner:
         try:
             try:
                 self._check_interrupt()
-                spec, _handle, plans, tasks, counts = self._plan(job)
+                spec, _handle, plans, tasks, counts = self._plan(job, validated_spec)
                 self._check_interrupt()
             except _LeaseLost:
                 return self.store.get_job(job.id)
@@ -293,6 +325,11 @@ class Runner:
                 self._warmers = []  # planned: the warm-up futures are no longer needed
             if not tasks:
                 return self._finish(job, None, None)
+            try:
+                self._wait_client()
+            except KeyboardInterrupt:
+                self._requeue_quietly(job, "interrupted by user while connecting")
+                raise
             done_before = len(plans) - sum(len(t.strata) for t in tasks)
             state = AttemptState(
                 {t.task_id: [s.key for s in t.strata] for t in tasks},
@@ -328,8 +365,28 @@ class Runner:
         finally:
             hb.stop()
 
+    def _wait_client(self) -> None:
+        """Block until the client is connected (a future given to the constructor)."""
+        if not self._client_pending():
+            self.client  # noqa: B018  (raises the future's error, if any)
+            return
+        while True:
+            self._check_interrupt()
+            try:
+                self._client.result(timeout=0.2)
+            except _cf.TimeoutError:
+                continue
+            self.client  # noqa: B018
+            return
+
     def _warm_workers(self) -> None:
-        """Let every worker import the fitter while this process plans (fire and forget)."""
+        """Let every worker import the fitter while this process plans (fire and forget).
+
+        Skipped while the client is still starting: ``service.cluster.connect`` preloads
+        the workers itself (``PreloadPlugin``).
+        """
+        if self._client_pending():
+            return
         try:
             workers = list(self.client.scheduler_info().get("workers", {}))
             self._warmers = [

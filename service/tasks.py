@@ -18,7 +18,6 @@ from typing import Any
 
 import pandas as pd
 
-from service.convert import failed_result, to_stratum_result
 from storage.records import StratumPlan, StratumResult
 
 __all__ = ["run_task", "split_strata", "fit_stratum", "fit_batched", "warm_up", "BATCHED",
@@ -28,11 +27,11 @@ __all__ = ["run_task", "split_strata", "fit_stratum", "fit_batched", "warm_up", 
 EMPTY_STRATUM = "EmptyStratum"
 
 #: Fit a task's strata together with ``fitting.fit_many`` (batched Newton, ~3x faster on
-#: the demo's binomial random-intercept strata) instead of one ``fitting.fit`` each. Off
-#: by default: its estimates agree with ``fit`` to ~1e-7 but its standard errors (exact
-#: Hessian instead of ``fit``'s finite differences) differ by up to ~1e-4 relative, and
-#: the stored optimiser record differs. ``STRATAFIT_BATCHED=1`` on the workers turns it on.
-BATCHED = os.environ.get("STRATAFIT_BATCHED", "") == "1"
+#: the demo's binomial random-intercept strata) instead of one ``fitting.fit`` each. On by
+#: default: for one scalar random-effect term ``fit`` runs the same exact-Hessian Newton
+#: iterates, so the stored results are the same; other structures fall back to ``fit``
+#: inside ``fit_many``. ``STRATAFIT_BATCHED=0`` on the workers turns it off.
+BATCHED = os.environ.get("STRATAFIT_BATCHED", "1") != "0"
 
 
 def _plain(value: Any) -> Any:
@@ -125,6 +124,8 @@ def fit_stratum(
     -------
     StratumResult
     """
+    from service.convert import failed_result, to_stratum_result
+
     if len(data) == 0:
         return failed_result(key, EMPTY_STRATUM, f"empty stratum {key!r}: no rows to fit")
     import fitting
@@ -157,6 +158,7 @@ def fit_batched(
     dict or None
         Stratum key → result for the planned strata that have rows.
     """
+    from service.convert import to_stratum_result
     from service.planner import stratum_key
 
     columns = list(columns)
