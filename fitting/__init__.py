@@ -6,15 +6,38 @@ The public entry point is :func:`fit`; :func:`fit_design` starts from a ready
 :func:`full_vcov`, :func:`wald_confint`, :func:`profile_confint` (also methods of
 :class:`FitResult`) and :func:`lrt` for nested fits.
 """
-from .api import fit, fit_design
-from .batch import fit_many
-from .compare import LRTResult, exponentiate, lrt, odds_ratios
+import importlib
+
 from .errors import ConvergenceError, DataError, FamilyError, FittingError, FormulaError
-from .families import get_family
-from .marginal import icc, marginal_coefs
+# ``predict`` is both a submodule and a function: bind the function eagerly, so importing
+# ``fitting.predict`` (the module) elsewhere can never shadow it.
 from .predict import predict
-from .profile import full_vcov, profile_confint, wald_confint
-from .result import Diagnostics, FitResult, OptInfo
+
+# Everything else loads on first use (PEP 562), so ``import fitting.formula`` (what the
+# service's spec validation needs on the coordinator) does not pull in the numerics.
+_LAZY = {
+    "fit": "api", "fit_design": "api", "fit_many": "batch",
+    "LRTResult": "compare", "exponentiate": "compare", "lrt": "compare",
+    "odds_ratios": "compare", "get_family": "families", "icc": "marginal",
+    "marginal_coefs": "marginal", "full_vcov": "profile", "profile_confint": "profile",
+    "wald_confint": "profile", "Diagnostics": "result", "FitResult": "result",
+    "OptInfo": "result",
+}
+
+
+def __getattr__(name):
+    try:
+        module = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'fitting' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "fit",
