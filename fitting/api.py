@@ -285,8 +285,7 @@ def _fit(design, fam, formula, reml, method, ctl, t0):
                               "supported; use link='identity' or a GLM without random effects")
         res = _fit_lmm(design, fam, formula, reml, ctl, t0)
     else:
-        res = _fit_glmm(design, fam, formula, ctl, t0)
-        res = run_checks(res, design, fam, ctl)
+        res = _fit_glmm(design, fam, formula, ctl, t0)  # with its post-fit checks
         if method == "agq":
             res = fit_agq_from_laplace(res, design, fam, ctl["nagq"], ctl, t0)
     return replace(res, design=design)
@@ -434,7 +433,7 @@ def _fit_lmm(design, fam, formula, reml, ctl, t0):
 # --------------------------------------------------------------------------- GLMM
 def _fit_glmm(design, fam, formula, ctl, t0):
     if ctl["penalty"] is not None:
-        return fit_glmm_penalized(design, fam, formula, ctl, t0, ctl["penalty"])
+        return run_checks(fit_glmm_penalized(design, fam, formula, ctl, t0, ctl["penalty"]), design, fam, ctl)
     from .glmm_fit import fit_glmm
 
     return fit_glmm(design, fam, formula, ctl, t0)

@@ -32,17 +32,34 @@ from .glmm_checks import (ADEQUACY_NAGQ, ADEQUACY_THRESHOLD, adequacy_nodes, ade
                           degenerate_report)
 from .quadrature import tensor_rule
 
-__all__ = ["chunk_checks", "adequacy_changes", "degenerate_sums"]
+__all__ = ["chunk_checks", "adequacy_changes", "changes_at", "degenerate_sums"]
 
 
 def adequacy_changes(st: Stack, kern: RowKernel, fin: Finished, nagq: int) -> np.ndarray:
     """``AGQ_g - Laplace_g`` (G,) for every group of ``st`` (a sub-stack of ``fin``'s chunk)."""
+    return changes_at(st, kern, fin.z[st.strata], fin.u[st.groups], fin.Ainv[st.groups], nagq)
+
+
+def changes_at(st: Stack, kern: RowKernel, z: np.ndarray, u: np.ndarray, Ainv: np.ndarray,
+               nagq: int) -> np.ndarray:
+    """``AGQ_g - Laplace_g`` (G,) for every group of ``st`` at given estimates, modes and curvatures.
+
+    Parameters
+    ----------
+    st : Stack
+    kern : RowKernel
+    z : ndarray (S, d)
+        (θ, β) per stratum of ``st``.
+    u : ndarray (G, k)
+        Conditional modes of the spherical random effects per group of ``st``.
+    Ainv : ndarray (G, k, k)
+        ``A_g⁻¹`` at the modes (Fisher weights).
+    nagq : int
+        Nodes per dimension.
+    """
     k, p = st.k, st.p
     nt = k * (k + 1) // 2
     trow, tcol = tril_layout(k)
-    z = fin.z[st.strata]
-    u = fin.u[st.groups]
-    Ainv = fin.Ainv[st.groups]
     Z, X = st.Z, st.X
     v = [np.zeros(st.N) for _ in range(k)]
     for r in range(nt):

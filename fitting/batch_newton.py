@@ -22,15 +22,20 @@ from .batch_kernels import RowKernel
 from .batch_laplace import BatchEval, evaluate
 from .batch_stack import Stack
 
-__all__ = ["NewtonResult", "newton", "glm_start", "solve_stack", "LAMBDA2_TOL", "GRAD_TOL"]
+__all__ = ["NewtonResult", "newton", "glm_start", "solve_stack", "directions", "LAMBDA2_TOL", "GRAD_TOL",
+           "ARMIJO", "MAX_BACKTRACK", "MAX_STEP"]
 
 #: converged when the Newton decrement ``g'H⁻¹g`` is below this (deviance units) ...
 LAMBDA2_TOL = 1e-14
 #: ... or the largest gradient component is below this, with a positive definite Hessian
 GRAD_TOL = 1e-10
-_ARMIJO = 1e-4
-_MAX_BACKTRACK = 30
-_MAX_STEP = 10.0
+#: Armijo constant: a trial step ``α·s`` is accepted when ``f(z + α s) <= f(z) + ARMIJO·α·g's``
+#: (plus a rounding allowance of ``1e-10 (1 + |f|)``)
+ARMIJO = 1e-4
+#: line-search trials per iteration at most (quadratic back-tracking); then the stratum fails
+MAX_BACKTRACK = 30
+#: largest component of a Newton step (in θ, β units) before the line search
+MAX_STEP = 10.0
 
 
 def solve_stack(H: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -41,8 +46,27 @@ def solve_stack(H: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.einsum("sij,sj->si", np.linalg.pinv(H), b)
 
 
-def _directions(H: np.ndarray, g: np.ndarray):
-    """Modified-Newton directions, decrements and positive definiteness per stratum."""
+def directions(H: np.ndarray, g: np.ndarray):
+    """Modified-Newton directions, decrements and positive definiteness per stratum.
+
+    Eigenvalues of ``H`` are replaced by their magnitudes, floored at ``1e-8`` of the
+    largest (and ``1e-12``), so every direction descends; a non-finite ``H`` is
+    replaced by the identity (a gradient step).
+
+    Parameters
+    ----------
+    H : ndarray (S, d, d)
+    g : ndarray (S, d)
+
+    Returns
+    -------
+    step : ndarray (S, d)
+        ``-|H|⁻¹ g``.
+    lam2 : ndarray (S,)
+        Newton decrements ``g'|H|⁻¹g``.
+    pd : ndarray (S,) of bool
+        ``H`` finite and positive definite.
+    """
     bad = ~np.all(np.isfinite(H), axis=(1, 2))
     Hs = np.where(bad[:, None, None], np.eye(H.shape[1]), H)
     w, Q = np.linalg.eigh(Hs)
@@ -157,7 +181,7 @@ def newton(st: Stack, kern: RowKernel, z0: np.ndarray, *, maxiter: int = 100, rx
         active = np.flatnonzero(res.status == -1)
         if active.size == 0:
             break
-        step, lam2, pd = _directions(res.H[active], res.g[active])
+        step, lam2, pd = directions(res.H[active], res.g[active])
         res.hessian_pd[active] = pd
         conv = pd & ((lam2 <= LAMBDA2_TOL) | (np.abs(res.g[active]).max(axis=1) <= GRAD_TOL))
         res.status[active[conv]] = 0
@@ -168,14 +192,14 @@ def newton(st: Stack, kern: RowKernel, z0: np.ndarray, *, maxiter: int = 100, rx
         if active.size == 0:
             break
         big = np.abs(step).max(axis=1)
-        step *= np.minimum(1.0, _MAX_STEP / big)[:, None]
+        step *= np.minimum(1.0, MAX_STEP / big)[:, None]
         # working set: the rows of the active strata only
         if not np.array_equal(work.strata, active):
             work = work.take(np.flatnonzero(np.isin(work.strata, active)))
         slope = np.einsum("sd,sd->s", res.g[active], step)
         alpha = np.ones(active.size)
         todo = np.arange(active.size)
-        for _bt in range(_MAX_BACKTRACK):
+        for _bt in range(MAX_BACKTRACK):
             ids = active[todo]
             local = np.flatnonzero(np.isin(work.strata, ids))
             sub = work.take(local)
@@ -187,7 +211,7 @@ def newton(st: Stack, kern: RowKernel, z0: np.ndarray, *, maxiter: int = 100, rx
             res.evaluations[sub.strata] += 1
             res.pirls_iterations[sub.strata] += evt.iterations
             f0 = res.f[sub.strata]
-            okay = evt.ok & (evt.f <= f0 + _ARMIJO * alpha[pos] * slope[pos] + 1e-10 * (1.0 + np.abs(f0)))
+            okay = evt.ok & (evt.f <= f0 + ARMIJO * alpha[pos] * slope[pos] + 1e-10 * (1.0 + np.abs(f0)))
             acc = np.flatnonzero(okay)
             if acc.size:
                 _store(res, sub.strata[acc], sub, evt, acc, zt[acc])

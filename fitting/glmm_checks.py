@@ -102,9 +102,17 @@ def check_laplace(fit, design, family, *, nagq: int = ADEQUACY_NAGQ,
                             nagq=nagq, threshold=threshold, data=data)
 
 
-def check_laplace_at(design, family, theta, beta, modes=None, *, nagq: int = ADEQUACY_NAGQ,
+def check_laplace_at(design, family, theta, beta, modes=None, *, loglik_laplace: float | None = None,
+                     curvature=None, stack=None, nagq: int = ADEQUACY_NAGQ,
                      threshold: float = ADEQUACY_THRESHOLD, data=None) -> dict | None:
     """Laplace vs adaptive quadrature at (θ, β) (one grouping factor).
+
+    Without ``curvature`` the modes are searched twice (a Laplace pass, then the
+    ``nagq`` pass warm-started at its modes, both by :func:`fitting.agq.agq_loglik`).
+    With the fit's exact ``modes``, ``curvature`` and ``loglik_laplace`` (one term on
+    the factor, e.g. from the exact-Newton path) no mode search is run: the per-group
+    changes come from :func:`fitting.batch_checks.changes_at`, the code ``fit_many``
+    uses, on the rows of a one-stratum stack.
 
     Parameters
     ----------
@@ -113,7 +121,15 @@ def check_laplace_at(design, family, theta, beta, modes=None, *, nagq: int = ADE
     theta, beta : ndarray
         Laplace estimates of ``design``.
     modes : ndarray (m, k), optional
-        Spherical conditional modes in AGQ layout (warm start; zeros when None).
+        Spherical conditional modes in AGQ layout (warm start; zeros when None); exact
+        modes when ``curvature`` is given.
+    loglik_laplace : float, optional
+        The Laplace log-likelihood (full constants) at (θ, β, modes); with ``curvature``.
+    curvature : ndarray (m, k, k), optional
+        ``A_g⁻¹`` (Fisher weights) at the modes, per group in level order.
+    stack : tuple (Stack, RowKernel), optional
+        A one-stratum :class:`~fitting.batch_stack.Stack` of ``design`` and its kernel, if
+        already built (used with ``curvature``).
     nagq : int
         Nodes per dimension for a scalar term; 3 for vector-valued terms (``3**k``
         points), lower if needed to stay within :data:`fitting.quadrature.MAX_GRID_POINTS`.
@@ -132,6 +148,9 @@ def check_laplace_at(design, family, theta, beta, modes=None, *, nagq: int = ADE
     """
     if family.estimates_scale or len({t.group for t in design.re_terms}) != 1:
         return None
+    fast = _at_modes(design, family, theta, beta, modes, loglik_laplace, curvature, stack, nagq, threshold)
+    if fast is not None:
+        return fast
     try:
         data = prepare_agq(design) if data is None else data
     except FittingError:
@@ -147,6 +166,36 @@ def check_laplace_at(design, family, theta, beta, modes=None, *, nagq: int = ADE
     l1, p1, u = agq_loglik(data, family, theta, beta, 1, u0=u0)
     lq, pq, _ = agq_loglik(data, family, theta, beta, nagq, u0=u)
     return adequacy_report(l1, lq - l1, pq - p1, nagq, threshold, data.levels)
+
+
+def _at_modes(design, family, theta, beta, modes, loglik_laplace, curvature, stack, nagq, threshold):
+    """:func:`check_laplace_at` from exact modes and curvatures, or None when not given/usable."""
+    if curvature is None or modes is None or loglik_laplace is None or len(design.re_terms) != 1:
+        return None
+    term = design.re_terms[0]
+    k, m = term.k, term.n_levels
+    u = np.asarray(modes, dtype=float)
+    Ainv = np.asarray(curvature, dtype=float)
+    if (u.shape != (m, k) or Ainv.shape != (m, k, k) or not np.all(np.isfinite(u))
+            or not np.all(np.isfinite(Ainv)) or not np.isfinite(loglik_laplace)
+            or np.bincount(np.asarray(term.codes), minlength=m).min() == 0):
+        return None  # (a level without rows: the stacked layout needs every group non-empty)
+    nodes = adequacy_nodes(k, nagq)
+    if nodes is None:
+        return None
+    from .batch_checks import changes_at  # batch_checks imports this module
+    from .batch_kernels import row_kernel
+    from .batch_stack import stack_designs
+
+    if stack is None:
+        kern = row_kernel(family)
+        st = stack_designs([design], kern)
+    else:
+        st, kern = stack
+    z = np.concatenate([np.asarray(theta, dtype=float), np.asarray(beta, dtype=float)])[None, :]
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        change = changes_at(st, kern, z, u, Ainv, nodes)
+    return adequacy_report(float(loglik_laplace), float(change.sum()), change, nodes, threshold, term.levels)
 
 
 def adequacy_nodes(k: int, nagq: int = ADEQUACY_NAGQ) -> int | None:
@@ -267,7 +316,7 @@ def _labelled(d: dict, levels) -> dict:
 
 def glmm_diagnostics(diag, design, family, theta, beta, *, std_error, modes=None,
                      method: str = "laplace", ctl: dict | None = None, degenerate: dict | None = None,
-                     adequacy=_COMPUTE):
+                     adequacy=_COMPUTE, loglik_laplace: float | None = None, curvature=None, stack=None):
     """The post-fit checks of a binomial/Poisson GLMM, from plain fit-level values.
 
     The one implementation behind :func:`run_checks` (:func:`fitting.fit`) and the batched
@@ -300,6 +349,9 @@ def glmm_diagnostics(diag, design, family, theta, beta, *, std_error, modes=None
         Precomputed :func:`check_laplace_at` result (used only when the check is on; the
         batched path computes it for many strata at once,
         :func:`fitting.batch_checks.chunk_checks`); computed here when not given.
+    loglik_laplace, curvature, stack : optional
+        Passed to :func:`check_laplace_at` when the check is computed here: with exact
+        ``modes``, the fit's Laplace log-likelihood and ``A_g⁻¹`` it runs no mode search.
 
     Returns
     -------
@@ -317,7 +369,8 @@ def glmm_diagnostics(diag, design, family, theta, beta, *, std_error, modes=None
             warn.append(f"{d['message']} ({g}): their conditional modes sit near the boundary")
     ad = None
     if ctl.get("check_laplace", True) and str(method) == "laplace":
-        ad = check_laplace_at(design, family, theta, beta, modes) if adequacy is _COMPUTE else adequacy
+        ad = (check_laplace_at(design, family, theta, beta, modes, loglik_laplace=loglik_laplace,
+                               curvature=curvature, stack=stack) if adequacy is _COMPUTE else adequacy)
         if ad is not None and ad["flag"]:
             warn.append(f"AGQ would move the log-likelihood by {ad['difference']:+.3g} "
                         f"(nAGQ={ad['nagq']}); consider method='agq'")
@@ -334,10 +387,12 @@ def glmm_diagnostics(diag, design, family, theta, beta, *, std_error, modes=None
                    degenerate_groups=deg)
 
 
-def run_checks(fit, design, family, ctl) -> object:
+def run_checks(fit, design, family, ctl, *, modes=None, loglik_laplace: float | None = None,
+               curvature=None, stack=None) -> object:
     """Add the post-fit checks to a binomial/Poisson GLMM fit's diagnostics.
 
-    :func:`glmm_diagnostics` with the values of ``fit`` (modes from ``fit.ranef``).
+    :func:`glmm_diagnostics` with the values of ``fit`` (modes from ``fit.ranef`` unless
+    given).
 
     Parameters
     ----------
@@ -346,6 +401,10 @@ def run_checks(fit, design, family, ctl) -> object:
     family : Family
     ctl : dict
         Checked control dict (keys ``check_laplace``, ``check_separation``).
+    modes, loglik_laplace, curvature, stack : optional
+        What the fit already has at its estimates (exact spherical modes (m, k), Laplace
+        log-likelihood, ``A_g⁻¹`` (m, k, k), its one-stratum ``(Stack, RowKernel)``):
+        the adequacy check then runs no mode search (:func:`check_laplace_at`).
 
     Returns
     -------
@@ -357,7 +416,9 @@ def run_checks(fit, design, family, ctl) -> object:
     t0 = time.perf_counter()
     diag = glmm_diagnostics(fit.diagnostics, design, family, fit.theta, fit.beta,
                             std_error=fit.fixed["std_error"].to_numpy(float),
-                            modes=_modes_from_ranef(fit, design), method=fit.method, ctl=ctl)
+                            modes=_modes_from_ranef(fit, design) if modes is None else modes,
+                            method=fit.method, ctl=ctl, loglik_laplace=loglik_laplace,
+                            curvature=curvature, stack=stack)
     extra = dict(fit.optinfo.extra)
     extra["checks_elapsed"] = time.perf_counter() - t0
     return replace(fit, diagnostics=diag, optinfo=replace(fit.optinfo, extra=extra))

@@ -23,6 +23,7 @@ from .fitcommon import (LOOSE_GTOL, full_vcov_frame, information_criteria, is_pd
                         ngroups, start_vector, vcov_frame, zero_small_diagonals)
 from .glm import fit_glm
 from .glmm import GlmmModel, has_beta_hessian, laplace, laplace_gradient, laplace_hessian_beta, pirls
+from .glmm_checks import run_checks
 from .optimize import Affine, bfgs, hessian_along, minimize_whitened
 from .response import make_response
 from .result import Diagnostics, FitResult, OptInfo
@@ -183,13 +184,19 @@ def fit_glmm(design, fam, formula, ctl, t0) -> FitResult:
     """Laplace fit of a GLMM design (called by :func:`fitting.api.fit`).
 
     One grouping factor: exact Newton (:func:`fitting.newton_fit.fit_glmm_newton`); this
-    whitened-BFGS path serves the other models and any fit that one hands back.
+    whitened-BFGS path serves the other models and any fit that one hands back. Both
+    return the fit with its post-fit checks (:func:`fitting.glmm_checks.run_checks`).
     """
     from .newton_fit import fit_glmm_newton
 
     res = fit_glmm_newton(design, fam, formula, ctl, t0)
     if res is not None:
         return res
+    return run_checks(_fit_bfgs(design, fam, formula, ctl, t0), design, fam, ctl)
+
+
+def _fit_bfgs(design, fam, formula, ctl, t0) -> FitResult:
+    """The whitened-BFGS Laplace fit (no post-fit checks yet)."""
     resp = make_response(design.y, design.weights, design.offset, fam)
     struct = build_structure(design.re_terms, design.nobs)
     model = GlmmModel(struct, design.X, resp)

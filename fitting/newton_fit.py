@@ -11,8 +11,8 @@ over (θ, β) (:func:`newton_one`: the line search of :func:`fitting.batch_newto
 for one stratum, without its working-set bookkeeping, every evaluation logged) →
 canonical θ, snapping, vcov and lme4's checks (:func:`fitting.batch_results.finish_chunk`)
 → tables (:func:`fitting.batch_results.chunk_tables`) → :class:`FitResult`.
-The post-fit checks (adequacy, separation, degenerate groups) are added by the caller
-(:func:`fitting.glmm_checks.run_checks`), as for the BFGS path.
+→ post-fit checks (:func:`fitting.glmm_checks.run_checks`, given the optimum's modes,
+``A_g⁻¹`` and Laplace log-likelihood, so the adequacy check runs no mode search).
 
 :func:`fit_glmm_newton` returns None where this path does not apply or cannot vouch for
 its answer (whatever ``fit_many`` would refit: iteration limit, failure, Hessian not
@@ -28,20 +28,25 @@ import numpy as np
 
 from .batch_kernels import RowKernel, row_kernel
 from .batch_laplace import BatchEval, evaluate
-from .batch_newton import (_ARMIJO, _MAX_BACKTRACK, _MAX_STEP, GRAD_TOL, LAMBDA2_TOL, NewtonResult,
-                           _directions, glm_start)
+from .batch_newton import (ARMIJO, GRAD_TOL, LAMBDA2_TOL, MAX_BACKTRACK, MAX_STEP, NewtonResult,
+                           directions, glm_start)
 from .batch_results import chunk_tables, finish_chunk, theta_names
 from .batch_stack import Stack, stack_designs, tril_layout
 from .fitcommon import full_vcov_frame, information_criteria, start_vector, vcov_frame
+from .glmm_checks import run_checks
 from .result import Diagnostics, FitResult, OptInfo
 
-__all__ = ["applies", "fit_glmm_newton", "newton_one", "MAX_K", "MAX_NEWTON"]
+__all__ = ["applies", "fit_glmm_newton", "newton_one", "MAX_K", "MAX_NEWTON", "TRIAL_LAMBDA2"]
 
-#: largest ``k`` (random-effects columns) sent here: for ``k >= 2`` the general evaluator
-#: (:func:`fitting.batch_laplace.evaluate_general`, ~2.2 ms per evaluation with Hessian on
-#: Contraception ``(urban | district)``, 7 evaluations) is slower than the BFGS path
-#: (measured 20-23 ms vs 18-21 ms): raise this once that evaluator is faster
-MAX_K = 1
+#: largest ``k`` (random-effects columns) sent here: for ``k = 2`` the general evaluator
+#: (:func:`fitting.batch_laplace.evaluate_general`, ~0.8 ms per evaluation with Hessian on
+#: Contraception ``(urban | district)``, 7 evaluations) beats the BFGS path (measured
+#: 14-15 ms vs 18-22 ms CPU); larger ``k`` is not measured yet
+MAX_K = 2
+#: Newton decrements ``g'H⁻¹g`` above this make :func:`newton_one` evaluate line-search
+#: trials for the deviance alone (a rejected trial then costs no derivatives; an accepted
+#: one is re-evaluated with them from its modes, one PIRLS iteration)
+TRIAL_LAMBDA2 = 1.0
 #: Newton iterations at most (``fit_many``'s cap; ``control["maxiter"]`` if smaller)
 MAX_NEWTON = 200
 _NUMERIC = (np.linalg.LinAlgError, FloatingPointError, ZeroDivisionError, OverflowError)
@@ -90,7 +95,7 @@ def newton_one(st: Stack, kern: RowKernel, z0: np.ndarray, *, maxiter: int, rx: 
     if not ev.ok[0]:
         status = 2
     while status == -1:
-        step, lam2, pd = _directions(ev.H, ev.g)
+        step, lam2, pd = directions(ev.H, ev.g)
         hpd = bool(pd[0])
         if hpd and (lam2[0] <= LAMBDA2_TOL or np.abs(ev.g[0]).max() <= GRAD_TOL):
             status = 0
@@ -98,20 +103,28 @@ def newton_one(st: Stack, kern: RowKernel, z0: np.ndarray, *, maxiter: int, rx: 
         if iters >= maxiter:
             status = 1
             break
-        step = step[0] * min(1.0, _MAX_STEP / np.abs(step[0]).max())
+        step = step[0] * min(1.0, MAX_STEP / np.abs(step[0]).max())
         f0 = float(ev.f[0])
         slope = float(ev.g[0] @ step)
         alpha = 1.0
-        for _ in range(_MAX_BACKTRACK):
+        # far from the optimum a trial is often rejected: try it for the deviance alone
+        order = 0 if lam2[0] > TRIAL_LAMBDA2 else 2
+        for _ in range(MAX_BACKTRACK):
             dz = alpha * step
             zt = z + dz
             upred = ev.u + np.einsum("gkd,d->gk", ev.du, dz)
-            evt = evaluate(st, kern, zt[None, :nt], zt[None, nt:], upred, rx=rx)
+            evt = evaluate(st, kern, zt[None, :nt], zt[None, nt:], upred, order=order, rx=rx and order == 2)
             nev += 1
             npirls += int(evt.iterations[0])
             ft = float(evt.f[0])
             log.append(ft)
-            if evt.ok[0] and ft <= f0 + _ARMIJO * alpha * slope + 1e-10 * (1.0 + abs(f0)):
+            if evt.ok[0] and ft <= f0 + ARMIJO * alpha * slope + 1e-10 * (1.0 + abs(f0)):
+                if order == 0:  # accepted: the derivatives at the same point (PIRLS from its modes)
+                    evt = evaluate(st, kern, zt[None, :nt], zt[None, nt:], evt.u, rx=rx)
+                    npirls += int(evt.iterations[0])
+                    if not evt.ok[0]:
+                        status = 2
+                        break
                 z, ev = zt, evt
                 iters += 1
                 break
@@ -185,7 +198,10 @@ def fit_glmm_newton(design, fam, formula: str, ctl: dict, t0: float) -> FitResul
             tables = chunk_tables([design], fin, st, [0])
     except _NUMERIC:
         return None
-    return _package(design, fam, formula, ctl, t0, z0, out, fin, tables, term)
+    res = _package(design, fam, formula, ctl, t0, z0, out, fin, tables, term)
+    # the checks from what the optimum already has: exact modes, A_g⁻¹, the Laplace deviance
+    return run_checks(res, design, fam, ctl, modes=fin.u, loglik_laplace=-0.5 * float(fin.f[0]),
+                      curvature=fin.Ainv, stack=(st, kern))
 
 
 def _package(design, fam, formula, ctl, t0, z0, out: NewtonOne, fin, tables, term) -> FitResult:

@@ -67,8 +67,9 @@ def test_several_grouping_factors_use_bfgs():
 
 def test_vector_valued_term_within_max_k_uses_newton(monkeypatch):
     df = D.load("Contraception")
-    assert fitting.fit(SLOPE, df, "binomial").optinfo.optimizer == "BFGS"  # k = 2 > MAX_K
-    monkeypatch.setattr(nf, "MAX_K", 2)
+    assert nf.MAX_K >= 2
     r = fitting.fit(SLOPE, df, "binomial")
     assert r.optinfo.optimizer == "newton" and r.diagnostics.max_grad < 1e-6
     assert r.optinfo.evaluations == len(r.optinfo.extra["log"]) <= 8
+    monkeypatch.setattr(nf, "MAX_K", 1)
+    assert fitting.fit(SLOPE, df, "binomial").optinfo.optimizer == "BFGS"  # k = 2 > MAX_K
