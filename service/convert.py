@@ -17,6 +17,7 @@ Outcome rules
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import traceback
 from collections.abc import Mapping
@@ -48,6 +49,8 @@ TRACEBACK_TAIL_LINES = 12
 _COEF_COLUMNS = ("term", "estimate", "std_error", "statistic", "p_value", "conf_low", "conf_high")
 _VAR_COLUMNS = ("grp", "term1", "term2", "variance", "sd", "correlation")
 _RANEF_COLUMNS = ("grp", "level", "term", "mode", "cond_sd")
+_OPTINFO_FIELDS: tuple[str, ...] = ("optimizer", "evaluations", "elapsed", "final_gradient",
+                                    "message", "initial", "final", "converged_code", "extra")
 
 
 def jsonable(value: Any) -> Any:
@@ -93,32 +96,82 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _column_getter(frame: Any):
+    """``get(position)`` → the column's values (array), without building a Series.
+
+    ``DataFrame._get_column_array`` is ~10x cheaper than ``frame[name]`` (pandas 2-3);
+    fall back to ``frame.iloc[:, i].array`` if a pandas version lacks it.
+    """
+    get = getattr(frame, "_get_column_array", None)
+    if get is not None:
+        return get
+    return lambda i: frame.iloc[:, i].array
+
+
 def _records(frame: Any, columns: tuple[str, ...], rename: Mapping[str, str]) -> list[dict]:
     """Rows of ``frame`` as dicts restricted to ``columns`` (after ``rename``)."""
     if frame is None or len(frame) == 0:
         return []
-    source: dict[str, Any] = {}
-    for name in frame.columns:  # column-wise: one conversion per column, not per cell
-        source.setdefault(rename.get(name, name), name)
+    source: dict[str, int] = {}
+    for i, name in enumerate(frame.columns):  # column-wise: one conversion per column
+        source.setdefault(rename.get(name, name), i)
     n = len(frame)
+    get = _column_getter(frame)
     order = [c for c in columns if c in source] + [c for c in columns if c not in source]
     values = []
     for c in order:
         if c not in source:
             values.append([None] * n)
             continue
-        col = frame[source[c]]
-        plain = isinstance(col.dtype, np.dtype)  # not a nullable extension dtype
-        if plain and col.dtype.kind == "f":  # finite floats as they are, NaN/inf → None
-            vals = col.to_numpy(dtype=float)
-            ok = np.isfinite(vals)
+        col = get(source[c])
+        dtype = col.dtype
+        plain = isinstance(dtype, np.dtype)  # not a nullable extension dtype
+        if plain and dtype.kind == "f":  # finite floats as they are, NaN/inf → None
+            vals = np.asarray(col, dtype=float)
             lst = vals.tolist()
-            values.append(lst if ok.all() else [v if k else None for v, k in zip(lst, ok.tolist())])
-        elif plain and col.dtype.kind in "iub":
-            values.append(col.to_numpy().tolist())
+            if not np.isfinite(vals).all():
+                lst = [v if math.isfinite(v) else None for v in lst]
+            values.append(lst)
+        elif plain and dtype.kind in "iub":
+            values.append(np.asarray(col).tolist())
         else:
             values.append([jsonable(v) for v in col.tolist()])
     return [dict(zip(order, row)) for row in zip(*values)]
+
+
+def _record_dict(obj: Any) -> dict | None:
+    """``jsonable(obj.to_dict())`` for the fitter's own :class:`~fitting.result.OptInfo`,
+    in one pass.
+
+    ``OptInfo.to_dict`` deep-copies the record with :func:`dataclasses.asdict` and then
+    converts it, and :func:`jsonable` converts it once more: three walks of the same
+    values per stratum. Walking the fields directly gives the same dict (tuples →
+    lists, NumPy scalars unwrapped, NaN/inf → ``None``; nested dataclasses as dicts).
+    ``None`` for anything else (the caller then uses ``to_dict``).
+    """
+    from fitting.result import OptInfo
+
+    if type(obj) is not OptInfo:
+        return None
+    return {f: _plain_json(getattr(obj, f)) for f in _OPTINFO_FIELDS}
+
+
+def _plain_json(value: Any) -> Any:
+    """:func:`jsonable` of what ``dataclasses.asdict`` + ``_jsonable`` would make of ``value``."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, float):  # np.float64 too
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain_json(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain_json(dataclasses.asdict(value))
+    return jsonable(value)
 
 
 def fit_columns(fit: Any) -> dict[str, Any]:
@@ -140,8 +193,10 @@ def fit_columns(fit: Any) -> dict[str, Any]:
     """
     diag = fit.diagnostics
     opt = fit.optinfo
-    optinfo = jsonable(opt.to_dict()) if hasattr(opt, "to_dict") else jsonable(opt)
-    diagnostics = jsonable(diag.to_dict()) if hasattr(diag, "to_dict") else {}
+    optinfo = _record_dict(opt)
+    if optinfo is None:
+        optinfo = jsonable(opt.to_dict()) if hasattr(opt, "to_dict") else jsonable(opt)
+    hessian_pd = getattr(diag, "hessian_pd", None) if hasattr(diag, "to_dict") else None
     return {
         "nobs": jsonable(fit.nobs),
         "ngroups": jsonable(dict(fit.ngroups or {})),
@@ -162,7 +217,7 @@ def fit_columns(fit: Any) -> dict[str, Any]:
         "method": jsonable(fit.method),
         "reml": bool(getattr(fit, "reml", False)),
         "sigma": jsonable(getattr(fit, "sigma", None)),
-        "hessian_pd": jsonable(diagnostics.get("hessian_pd")),
+        "hessian_pd": jsonable(hessian_pd),
     }
 
 
