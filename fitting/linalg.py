@@ -74,6 +74,26 @@ class Factor(NamedTuple):
     L21d: np.ndarray | None = None  # dense (q1, r) copy of L21 on dense-fill levels
 
 
+def _chol2(a00: np.ndarray, a10: np.ndarray, a11: np.ndarray):
+    """Closed-form Cholesky of a stack of 2×2 blocks ``[[a00, a10], [a10, a11]]``.
+
+    Returns the (m, 2, 2) inverse lower factors and ``log det`` summed over the stack.
+    """
+    if not np.all(a00 > 0):
+        raise NotPositiveDefinite("diagonal block not positive definite")
+    l00 = np.sqrt(a00)
+    l10 = a10 / l00
+    d = a11 - l10 * l10
+    if not np.all(d > 0):
+        raise NotPositiveDefinite("diagonal block not positive definite")
+    l11 = np.sqrt(d)
+    inv = np.zeros((a00.shape[0], 2, 2))
+    inv[:, 0, 0] = 1.0 / l00
+    inv[:, 1, 1] = 1.0 / l11
+    inv[:, 1, 0] = -l10 * inv[:, 0, 0] * inv[:, 1, 1]
+    return inv, float(2.0 * np.log(l00 * l11).sum())
+
+
 def _chol_blocks(A11: np.ndarray, k1: int):
     """Cholesky of a stack of k×k blocks; returns (inverse factors, log det)."""
     if k1 == 1:
@@ -83,20 +103,7 @@ def _chol_blocks(A11: np.ndarray, k1: int):
         l = np.sqrt(a)
         return (1.0 / l)[:, None, None], 2.0 * np.log(l).sum()
     if k1 == 2:
-        a00, a10, a11 = A11[:, 0, 0], A11[:, 1, 0], A11[:, 1, 1]
-        if not np.all(a00 > 0):
-            raise NotPositiveDefinite("diagonal block not positive definite")
-        l00 = np.sqrt(a00)
-        l10 = a10 / l00
-        d = a11 - l10 * l10
-        if not np.all(d > 0):
-            raise NotPositiveDefinite("diagonal block not positive definite")
-        l11 = np.sqrt(d)
-        inv = np.zeros_like(A11)
-        inv[:, 0, 0] = 1.0 / l00
-        inv[:, 1, 1] = 1.0 / l11
-        inv[:, 1, 0] = -l10 / (l00 * l11)
-        return inv, 2.0 * (np.log(l00).sum() + np.log(l11).sum())
+        return _chol2(A11[:, 0, 0], A11[:, 1, 0], A11[:, 1, 1])
     if not np.all(np.isfinite(A11)):
         raise NotPositiveDefinite("diagonal block not finite")
     try:
@@ -180,19 +187,8 @@ def factorize(struct: Structure, V: np.ndarray, W: np.ndarray) -> Factor:
             a00 = np.bincount(codes, Wv0 * v0, minlength=m1) + 1.0
             a10 = np.bincount(codes, Wv0 * v1, minlength=m1)
             a11 = np.bincount(codes, W * v1 * v1, minlength=m1) + 1.0
-            if not np.all(a00 > 0):
-                raise NotPositiveDefinite("diagonal block not positive definite")
-            l00 = np.sqrt(a00)
-            l10 = a10 / l00
-            d = a11 - l10 * l10
-            if not np.all(d > 0):
-                raise NotPositiveDefinite("diagonal block not positive definite")
-            l11 = np.sqrt(d)
-            inv = np.zeros((m1, 2, 2))
-            inv[:, 0, 0] = 1.0 / l00
-            inv[:, 1, 1] = 1.0 / l11
-            inv[:, 1, 0] = -l10 * inv[:, 0, 0] * inv[:, 1, 1]
-            return Factor(inv, np.zeros((0, 2)), None, None, float(2.0 * np.log(l00 * l11).sum()))
+            inv, logdet = _chol2(a00, a10, a11)
+            return Factor(inv, np.zeros((0, 2)), None, None, logdet)
         WV = W[:, None] * V
         A11 = np.empty((m1, k1, k1))
         for a in range(k1):
