@@ -45,7 +45,7 @@ import numpy as np
 from .batch_kernels import RowKernel
 from .batch_stack import Stack, tril_layout
 
-__all__ = ["BatchEval", "evaluate", "evaluate_general", "lambdas", "PIRLS_TOL", "PIRLS_MAXIT"]
+__all__ = ["BatchEval", "evaluate", "halve_steps", "evaluate_general", "lambdas", "PIRLS_TOL", "PIRLS_MAXIT"]
 
 #: PIRLS stops when every group's Fisher-scoring step is below this (max-abs, relative to 1 + |u|).
 PIRLS_TOL = 1e-10
@@ -181,21 +181,8 @@ def _pirls(st, kern, v, base, u0, tol, maxit):
         conv_s |= newly
         if conv_s.all():
             break
-        t = np.where(small, 0.0, 1.0)
-        for _ in range(_MAX_HALVINGS):
-            un = u + t[:, None] * delta
-            new = at(un)
-            bad = (t > 0) & ~(new[-1] <= h + 1e-10 * (1.0 + np.abs(h)))
-            if not bad.any():
-                break
-            t[bad] *= 0.5
-        else:
-            # groups that never improved stay where they were; their strata have failed
-            failed_s |= st.groups_by_stratum(bad.astype(np.int64)) > 0
-            t[bad] = 0.0
-            un = u + t[:, None] * delta
-            new = at(un)
-        u, state = un, new
+        u, state, stuck_s = halve_steps(st, u, delta, np.where(small, 0.0, 1.0), h, at)
+        failed_s |= stuck_s
     else:
         eta, W, sc, dev, aux, h = state
         A = _gram(st, [W * vc for vc in v], v, 1.0)
@@ -205,6 +192,43 @@ def _pirls(st, kern, v, base, u0, tol, maxit):
 
 
 # --------------------------------------------------------------------- evaluate
+def halve_steps(st: Stack, u: np.ndarray, delta: np.ndarray, t: np.ndarray, h: np.ndarray,
+                evaluate):
+    """Step-halving of a PIRLS step for all groups at once.
+
+    Parameters
+    ----------
+    st : Stack
+    u, delta : ndarray (G,) or (G, k)
+        Current modes and the full Newton step per group.
+    t : ndarray (G,)
+        Initial step fractions (0 for groups already converged, else 1).
+    h : ndarray (G,)
+        Current per-group penalised deviance.
+    evaluate : callable
+        ``evaluate(u_new)`` returning the state tuple whose last item is the new per-group
+        penalised deviance.
+
+    Returns
+    -------
+    u_new, state, stuck_s
+        The accepted modes, their state, and a (S,) mask of strata with a group that never
+        improved within ``_MAX_HALVINGS`` halvings (those groups stay where they were).
+    """
+    shape = (-1,) + (1,) * (delta.ndim - 1)
+    for _ in range(_MAX_HALVINGS):
+        un = u + t.reshape(shape) * delta
+        new = evaluate(un)
+        bad = (t > 0) & ~(new[-1] <= h + 1e-10 * (1.0 + np.abs(h)))
+        if not bad.any():
+            return un, new, np.zeros(st.S, dtype=bool)
+        t[bad] *= 0.5
+    stuck_s = st.groups_by_stratum(bad.astype(np.int64)) > 0
+    t[bad] = 0.0
+    un = u + t.reshape(shape) * delta
+    return un, evaluate(un), stuck_s
+
+
 def evaluate(st: Stack, kern: RowKernel, theta: np.ndarray, beta: np.ndarray,
              u0: np.ndarray | None = None, *, order: int = 2, tol: float = PIRLS_TOL,
              maxit: int = PIRLS_MAXIT, rx: bool = False) -> BatchEval:

@@ -20,11 +20,10 @@ from __future__ import annotations
 import numpy as np
 
 from .batch_kernels import RowKernel
-from .batch_laplace import BatchEval
+from .batch_laplace import BatchEval, halve_steps
 
 __all__ = ["evaluate_scalar"]
 
-_MAX_HALVINGS = 30
 #: PIRLS steps up to this size (every group) skip the step-halving check
 CHECK_STEP = 0.1
 
@@ -132,19 +131,8 @@ def _pirls(st, kern, z, z2, th, base, u0, tol, maxit):
         if state[-1] is None:
             state[-1] = h_at(state[0], state[3], u)
         h = state[-1]
-        for _ in range(_MAX_HALVINGS):
-            un = u + t * delta
-            new = at(un, True)
-            bad = (t > 0) & ~(new[-1] <= h + 1e-10 * (1.0 + np.abs(h)))
-            if not bad.any():
-                break
-            t[bad] *= 0.5
-        else:
-            failed_s |= st.groups_by_stratum(bad.astype(np.int64)) > 0
-            t[bad] = 0.0
-            un = u + t * delta
-            new = at(un, True)
-        u, state = un, new
+        u, state, stuck_s = halve_steps(st, u, delta, t, h, lambda un: at(un, True))
+        failed_s |= stuck_s
     else:
         SW, Ss = sums(state[1], state[2])
         A = 1.0 + th2 * SW
