@@ -15,7 +15,7 @@ the caller hands them to :func:`fitting.fit_design` and the answer is exactly ``
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,7 @@ from . import inference
 from .batch_laplace import evaluate, lambdas
 from .batch_newton import NewtonResult
 from .batch_stack import Stack, tril_layout
+from .fitcommon import vcov_frame
 from .glmm_checks import glmm_diagnostics
 from .result import Diagnostics, FitResult, OptInfo
 
@@ -207,22 +208,18 @@ class ChunkTables:
     varcorr: pd.DataFrame
     ranef: pd.DataFrame
     bounds: dict  # stratum -> ((a, b) fixed, (a, b) varcorr, (a, b) ranef)
-    indexes: dict = field(default_factory=dict)
 
     def for_stratum(self, s: int):
         out = []
         for frame, (a, b) in zip((self.fixed, self.varcorr, self.ranef), self.bounds[s]):
+            if a == 0 and b == len(frame):  # a one-stratum chunk (fitting.fit): the frame itself
+                out.append(frame)
+                continue
             part = frame.iloc[a:b]  # copy-on-write: later writes to either never show in the other
             part.index = pd.RangeIndex(b - a)
             out.append(part)
         return out
 
-    def names_index(self, names: tuple) -> pd.Index:
-        """A shared (immutable) ``pd.Index`` of term names, for the vcov frames."""
-        idx = self.indexes.get(names)
-        if idx is None:
-            idx = self.indexes[names] = pd.Index(list(names))
-        return idx
 
 
 def chunk_tables(designs: list, fin: Finished, st: Stack, strata) -> ChunkTables:
@@ -323,6 +320,5 @@ def build_result(design, fam, formula: str, fin: Finished, res: NewtonResult, s:
         nobs=design.nobs, ngroups={term.group: term.n_levels}, fixed=fixed, varcorr=varcorr, ranef=ranef,
         loglik=float(loglik), aic=float(aic), bic=float(bic), deviance=dev, theta=theta,
         theta_names=theta_names(term.group, term.term_names), beta=beta,
-        vcov=pd.DataFrame(V, index=tables.names_index(design.x_names),
-                          columns=tables.names_index(design.x_names)), sigma=1.0, optinfo=opt, diagnostics=diag,
+        vcov=vcov_frame(V, design.x_names), sigma=1.0, optinfo=opt, diagnostics=diag,
     )

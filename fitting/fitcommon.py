@@ -1,11 +1,13 @@
 """Helpers shared by the fit drivers (:mod:`fitting.api`, :mod:`fitting.glmm_fit`)."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import pandas as pd
 
 __all__ = ["SNAP", "LOOSE_GTOL", "start_vector", "ngroups", "information_criteria", "vcov_frame",
-           "is_pd", "newton_step", "zero_small_diagonals", "full_vcov_frame"]
+           "names_index", "is_pd", "newton_step", "zero_small_diagonals", "full_vcov_frame"]
 
 #: a diagonal θ below this in absolute value is tried at exactly 0
 SNAP = 1e-3
@@ -34,9 +36,20 @@ def information_criteria(loglik, df, n):
     return -2.0 * loglik + 2.0 * df, -2.0 * loglik + np.log(n) * df
 
 
+@lru_cache(maxsize=512)
+def names_index(names: tuple) -> pd.Index:
+    """A shared (immutable) ``pd.Index`` of term names.
+
+    Building an Index from a list of strings infers pandas' string dtype each time (~0.1 ms,
+    half the cost of a small vcov frame); fits of the same model reuse one.
+    """
+    return pd.Index(list(names))
+
+
 def vcov_frame(V, names):
     """vcov as a DataFrame labelled by term on both axes."""
-    return pd.DataFrame(V, index=list(names), columns=list(names))
+    idx = names_index(tuple(names))
+    return pd.DataFrame(V, index=idx, columns=idx)
 
 
 def full_vcov_frame(H, names):
