@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from scipy.linalg import lapack, solve_triangular
+from scipy.linalg import lapack
 
 from .structure import Structure
 
@@ -215,6 +215,15 @@ def _apply_blocks(Binv: np.ndarray, x: np.ndarray, transpose: bool) -> np.ndarra
     return np.einsum("gcb,gcm->gbm" if transpose else "gbc,gcm->gbm", Binv, x)
 
 
+def _tri_solve(L22: np.ndarray, B: np.ndarray, trans: int) -> np.ndarray:
+    """``L22⁻¹ B`` (``trans=0``) or ``L22⁻ᵀ B`` (``trans=1``) by LAPACK ``dtrtrs`` directly
+    (``scipy.linalg.solve_triangular``'s argument checks cost more than these small solves)."""
+    x, info = lapack.dtrtrs(L22, B, lower=1, trans=trans)
+    if info != 0:  # pragma: no cover - L22 came from a successful dpotrf
+        raise NotPositiveDefinite("triangular factor is singular")
+    return x
+
+
 def _solve_L(lv, fac: Factor, B: np.ndarray) -> np.ndarray:
     c = B.shape[1]
     k1, m1, q1 = lv.k1, lv.m1, lv.q1
@@ -230,7 +239,7 @@ def _solve_L(lv, fac: Factor, B: np.ndarray) -> np.ndarray:
     if fac.sub is not None:
         x2 = _solve_L(lv.sub, fac.sub, rhs)
     else:
-        x2 = solve_triangular(fac.L22, rhs, lower=True, check_finite=False)
+        x2 = _tri_solve(fac.L22, rhs, trans=0)
     return np.concatenate([x1.reshape(q1, c), x2], axis=0)
 
 
@@ -243,7 +252,7 @@ def _solve_Lt(lv, fac: Factor, B: np.ndarray) -> np.ndarray:
     if fac.sub is not None:
         x2 = _solve_Lt(lv.sub, fac.sub, B[q1:])
     else:
-        x2 = solve_triangular(fac.L22, B[q1:], lower=True, trans="T", check_finite=False)
+        x2 = _tri_solve(fac.L22, B[q1:], trans=1)
     if fac.L21d is not None:
         b1 = b1 - (fac.L21d @ x2).reshape(m1, k1, c)
     else:

@@ -15,7 +15,29 @@ from .families import Family
 
 _EPS = np.finfo(float).eps
 
-__all__ = ["Response", "ResponseEval", "make_response"]
+__all__ = ["Response", "ResponseEval", "make_response", "sum_log"]
+
+#: :func:`sum_log` multiplies blocks of this many factors in [1, 2] (products stay below
+#: 2**512, far from overflow) and takes one log per block
+_LOG_BLOCK = 512
+
+
+def sum_log(x: np.ndarray, w: np.ndarray | None = None) -> float:
+    """``Σ w_i log x_i`` for factors ``x_i`` in [1, 2] (``1 + e^{-|η|}`` of the logit deviance).
+
+    Unweighted, as the log of products of :data:`_LOG_BLOCK` factors: one ``log`` per block
+    instead of per row (a float64 ``log1p`` costs ~20 ns a row without AVX-512, a product
+    ~1 ns). Each block product has a relative rounding error below ``512 ε``, so the sum
+    is exact to ~1e-13 per block in absolute terms.
+    """
+    if w is not None:
+        return float(w @ np.log(x))
+    n = x.size
+    head = n - n % _LOG_BLOCK
+    total = float(np.log(x[:head].reshape(-1, _LOG_BLOCK).prod(axis=1)).sum()) if head else 0.0
+    if head < n:
+        total += float(np.log(np.prod(x[head:])))
+    return total
 
 
 class ResponseEval(NamedTuple):
@@ -66,6 +88,7 @@ class Response:
     fast: str = ""  # "logit" / "log": closed forms of the canonical binomial / Poisson links
     wy: np.ndarray | None = None  # w * y
     sat: float = 0.0  # 2 * Σ w (y η_sat - b(η_sat)): saturated term of the fast deviance
+    unit: bool = False  # every prior weight is 1 (then W is V itself and Σ log needs no weights)
 
     @property
     def canonical(self) -> bool:
@@ -77,14 +100,21 @@ class Response:
         if kind == "logit":
             # mu = expit(eta), V = mu' = mu(1-mu); dev = -2 Σ w (y η - log(1 + e^η)) + c
             # one exp: e = exp(-|η|), μ = (η ≥ 0 ? 1 : e) / (1 + e), log(1 + e^η) = max(η, 0) + log1p(e)
-            e = np.exp(-np.abs(eta))
-            mu = np.where(eta >= 0.0, 1.0, e) / (1.0 + e)
-            v = mu * (1.0 - mu)
+            # μ(1-μ) = e / (1 + e)² on both sides, without cancellation
+            e = np.abs(eta)
+            np.negative(e, out=e)
+            np.exp(e, out=e)
+            ope = e + 1.0
+            mu = np.where(eta >= 0.0, 1.0, e)
+            mu /= ope
+            v = ope * ope
+            np.divide(e, v, out=v)
             np.maximum(v, _EPS, out=v)
             np.clip(mu, _EPS, 1.0 - _EPS, out=mu)
-            softplus = np.maximum(eta, 0.0) + np.log1p(e)
-            dev = -2.0 * float(self.wy @ eta - self.weights @ softplus) - self.sat
-            return ResponseEval(eta, mu, v, v, self.weights * v, dev if np.isfinite(dev) else np.inf)
+            softplus = self.weights @ np.maximum(eta, 0.0) + sum_log(ope, None if self.unit else self.weights)
+            dev = -2.0 * (float(self.wy @ eta) - softplus) - self.sat
+            return ResponseEval(eta, mu, v, v, v if self.unit else self.weights * v,
+                                dev if np.isfinite(dev) else np.inf)
         if kind == "log":
             mu = np.exp(np.minimum(eta, 700.0))
             np.maximum(mu, _EPS, out=mu)
@@ -155,4 +185,4 @@ def make_response(y, weights, offset, family: Family) -> Response:
         b0 = np.logaddexp(0.0, eta0) if fast == "logit" else mu0
         dev0 = float(np.sum(dres0))
         sat = -2.0 * float((w * y) @ eta0 - w @ b0) - dev0
-    return Response(y, w, o, family, const, fast, w * y, sat)
+    return Response(y, w, o, family, const, fast, w * y, sat, bool(np.all(w == 1.0)))
