@@ -133,9 +133,21 @@ class Level:
         With ``build=True`` the upper cross entries (leading row, rest column) map to -1:
         the buffer stores the cross block once.
         """
+        out, upper = self.index_both(a, b)
+        if build:
+            out[upper] = -1
+        return out
+
+    def index_both(self, a: np.ndarray, b: np.ndarray):
+        """:meth:`index` of ``(a, b)`` and the mask of the entries ``build=True`` maps to -1.
+
+        One pass for both (the structure needs the read positions and the build targets of
+        the same entries).
+        """
         a = np.asarray(a, dtype=np.int64)
         b = np.asarray(b, dtype=np.int64)
         out = np.full(a.shape, -1, dtype=np.int64)
+        upper = np.zeros(a.shape, dtype=bool)
         k1, q1 = self.k1, self.q1
         lead_a, lead_b = a < q1, b < q1
         m = lead_a & lead_b
@@ -149,19 +161,21 @@ class Level:
             g, c = (bm, 0) if k1 == 1 else (bm // k1, bm % k1)
             out[m] = self.off_cross + self._pair_id(g * self.r + (a[m] - q1)) * k1 + c
         m = lead_a & ~lead_b
-        if m.any() and not build:
+        if m.any():
             am = a[m]
             g, c = (am, 0) if k1 == 1 else (am // k1, am % k1)
             out[m] = self.off_cross + self._pair_id(g * self.r + (b[m] - q1)) * k1 + c
+            upper[m] = True
         m = ~lead_a & ~lead_b
         if m.any():
             ra, rb = a[m] - q1, b[m] - q1
             if self.sub is None:
                 out[m] = self.off_rest + ra * self.r + rb
             else:
-                sub = self.sub.index(ra, rb, build)
+                sub, sub_upper = self.sub.index_both(ra, rb)
                 out[m] = np.where(sub >= 0, self.off_rest + sub, -1)
-        return out
+                upper[m] = sub_upper
+        return out, upper
 
 
 def _build_level(sizes: list, rows: np.ndarray, cols: np.ndarray) -> Level:
@@ -231,8 +245,8 @@ def _build_level(sizes: list, rows: np.ndarray, cols: np.ndarray) -> Level:
             pp_read = pp_fill
         else:
             rest_n = sub.nbuf
-            pp_fill = sub.index(ja, jb, build=True)
-            pp_read = sub.index(ja, jb)
+            pp_read, upper = sub.index_both(ja, jb)
+            pp_fill = np.where(upper, -1, pp_read)
     else:
         z = np.zeros(0, np.int64)
         pair_g_starts = pair_j_perm = pair_j_starts = pp_a = pp_b = pp_g = pp_fill = pp_read = z
@@ -484,8 +498,9 @@ def build_structure(re_terms: tuple[ReTerm, ...], n: int) -> Structure:
     level = _build_level([(t.k, t.m) for t in terms], key // q, key % q)
     ci_a = np.repeat(col_index[:, :, None], K, axis=2)
     ci_b = np.repeat(col_index[:, None, :], K, axis=1)
-    gather = level.index(ci_a.ravel(), ci_b.ravel()).reshape(n, K, K)
-    btgt = level.index(ci_a.ravel(), ci_b.ravel(), build=True)
+    gather, upper = level.index_both(ci_a.ravel(), ci_b.ravel())
+    btgt = np.where(upper, -1, gather)
+    gather = gather.reshape(n, K, K)
     build_src = np.flatnonzero(btgt >= 0)
     build_tgt = btgt[build_src]
 
