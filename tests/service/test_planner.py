@@ -246,9 +246,13 @@ def test_packing_small_strata_capped(hive):
     tasks = plan_tasks(h, spec_for(root), fake_strata([1] * 200), target_rows_per_task=10**6,
                        columns=COLUMNS)
     assert [len(t.strata) for t in tasks] == [64, 64, 64, 8]
-    # by default the per-stratum overhead bounds tiny strata first: 20000 // 401 = 49
-    tasks = plan_tasks(h, spec_for(root), fake_strata([1] * 200), columns=COLUMNS)
+    # the per-stratum overhead bounds tiny strata first: 20000 // 401 = 49
+    tasks = plan_tasks(h, spec_for(root), fake_strata([1] * 200), target_rows_per_task=20_000,
+                       columns=COLUMNS)
     assert [len(t.strata) for t in tasks] == [49, 49, 49, 49, 4]
+    # the default target (50000 // 401 = 124) lets the strata cap bind
+    tasks = plan_tasks(h, spec_for(root), fake_strata([1] * 200), columns=COLUMNS)
+    assert [len(t.strata) for t in tasks] == [64, 64, 64, 8]
 
 
 def test_max_task_seconds_sets_target(hive):
@@ -258,8 +262,10 @@ def test_max_task_seconds_sets_target(hive):
     default = plan_tasks(h, spec_for(root), strata, columns=COLUMNS)
     per = int(DEFAULT_TARGET_ROWS // (OVERHEAD_ROWS + 1000))
     assert {len(t.strata) for t in default[:-1]} == {per}
-    slow = plan_tasks(h, spec_for(root, max_task_seconds=0.5), strata, columns=COLUMNS)
-    assert {len(t.strata) for t in slow[:-1]} == {int(0.5 * ROWS_PER_SECOND // (OVERHEAD_ROWS + 1000))}
+    short = plan_tasks(h, spec_for(root, max_task_seconds=0.05), strata, columns=COLUMNS)
+    per_short = int(0.05 * ROWS_PER_SECOND // (OVERHEAD_ROWS + 1000))
+    assert 1 < per_short < min(per, MAX_STRATA_PER_TASK)  # the seconds, not a cap, decide
+    assert {len(t.strata) for t in short[:-1]} == {per_short}
     assert plan_tasks(h, spec_for(root), [], columns=COLUMNS) == []
     with pytest.raises(ValueError):
         plan_tasks(h, spec_for(root), strata, target_rows_per_task=0, columns=COLUMNS)
