@@ -73,3 +73,18 @@ def test_vector_valued_term_within_max_k_uses_newton(monkeypatch):
     assert r.optinfo.evaluations == len(r.optinfo.extra["log"]) <= 8
     monkeypatch.setattr(nf, "MAX_K", 1)
     assert fitting.fit(SLOPE, df, "binomial").optinfo.optimizer == "BFGS"  # k = 2 > MAX_K
+
+
+def test_three_column_term_uses_newton_and_agrees_with_bfgs(monkeypatch):
+    df = D.load("Contraception")
+    f = "use ~ age + urban + (age + urban | district)"  # k = 3: six θ entries
+    r = fitting.fit(f, df, "binomial")
+    assert r.optinfo.optimizer == "newton" and r.diagnostics.converged
+    monkeypatch.setattr(nf, "MAX_K", 2)
+    b = fitting.fit(f, df, "binomial")
+    assert b.optinfo.optimizer == "BFGS" and b.diagnostics.converged
+    assert r.loglik >= b.loglik - 1e-7
+    np.testing.assert_allclose(r.beta, b.beta, atol=2e-5)
+    np.testing.assert_allclose(r.varcorr["variance"], b.varcorr["variance"], rtol=1e-3, atol=1e-5)
+    # analytic Hessian (newton) against finite differences of the gradient (BFGS path)
+    np.testing.assert_allclose(r.fixed["std_error"], b.fixed["std_error"], rtol=1e-3)
