@@ -45,12 +45,15 @@ import numpy as np
 from .batch_kernels import RowKernel
 from .batch_stack import Stack, tril_layout
 
-__all__ = ["BatchEval", "evaluate", "halve_steps", "evaluate_general", "lambdas", "PIRLS_TOL", "PIRLS_MAXIT"]
+__all__ = ["BatchEval", "evaluate", "halve_steps", "evaluate_general", "lambdas", "PIRLS_TOL", "PIRLS_MAXIT",
+           "CHECK_STEP"]
 
 #: PIRLS stops when every group's Fisher-scoring step is below this (max-abs, relative to 1 + |u|).
 PIRLS_TOL = 1e-10
 PIRLS_MAXIT = 60
 _MAX_HALVINGS = 30
+#: PIRLS steps up to this size (every component of every group) skip the step-halving check
+CHECK_STEP = 0.1
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,30 +147,45 @@ def _gram(st: Stack, wv: list, v: list, eye: float) -> np.ndarray:
 
 # ----------------------------------------------------------------------- PIRLS
 def _pirls(st, kern, v, base, u0, tol, maxit):
-    """Per-group penalised IRLS; see :func:`evaluate`. Returns the state at the modes."""
+    """Per-group penalised IRLS; see :func:`evaluate`. Returns the state at the modes.
+
+    As in :mod:`fitting.batch_scalar`, a step of at most :data:`CHECK_STEP` (every
+    component of every group) is taken without the deviance pass of the step-halving
+    check: Newton is then inside its region of quadratic convergence.
+    """
     G, k = st.G, st.k
     u = np.zeros((G, k)) if u0 is None else np.array(u0, dtype=float).reshape(G, k)
+    w_arg, c_arg = st.w_arg, st.c_arg
 
-    def at(uu):
+    def at(uu, with_h=True):
         eta = base.copy()
         for c in range(k):
             eta += v[c] * st.to_rows(uu[:, c])
-        W, sc, dev, aux = kern.basic(eta, st.y, st.w_arg, st.c_arg)
-        h = st.by_group(dev)
-        h += (uu * uu).sum(axis=1)
-        return eta, W, sc, dev, aux, h
+        W, sc, _, aux = kern.basic(eta, st.y, w_arg, c_arg, deviance=False)
+        state = [eta, W, sc, aux, None, None]
+        if with_h:
+            h_at(state, uu)
+        return state
 
-    state = at(u)
+    def h_at(state, uu):
+        """Row deviances and the per-group penalised deviance of a state (stored in it)."""
+        state[4] = kern.deviance_rows(state[0], st.y, w_arg, c_arg, state[3])
+        h = st.by_group(state[4])
+        h += (uu * uu).sum(axis=1)
+        state[5] = h
+        return h
+
+    state = at(u, False)
     if u0 is not None:
-        bad_s = ~np.isfinite(st.groups_by_stratum(state[-1]))
-        if bad_s.any():  # like fitting.glmm.pirls: a warm start giving a non-finite deviance → zeros
+        bad_s = ~np.isfinite(st.by_stratum(state[0]))
+        if bad_s.any():  # like fitting.glmm.pirls: a warm start giving non-finite values → zeros
             u[st.strata_to_groups(bad_s)] = 0.0
-            state = at(u)
-    failed_s = ~np.isfinite(st.groups_by_stratum(state[-1]))
+            state = at(u, False)
+    failed_s = ~np.isfinite(st.by_stratum(state[0]))
     iters = np.zeros(st.S, dtype=np.int64)
     conv_s = np.zeros(st.S, dtype=bool)
     for it in range(1, maxit + 1):
-        eta, W, sc, dev, aux, h = state
+        eta, W, sc, aux, _, h = state
         A = _gram(st, [W * vc for vc in v], v, 1.0)
         Ainv = _inv_blocks(A)
         grad = np.empty((G, k))
@@ -181,14 +199,24 @@ def _pirls(st, kern, v, base, u0, tol, maxit):
         conv_s |= newly
         if conv_s.all():
             break
-        u, state, stuck_s = halve_steps(st, u, delta, np.where(small, 0.0, 1.0), h, at)
+        t = np.where(small, 0.0, 1.0)
+        if np.abs(delta[~small]).max() <= CHECK_STEP:
+            u = u + t[:, None] * delta
+            state = at(u, False)
+            continue
+        if h is None:
+            h = h_at(state, u)
+        u, state, stuck_s = halve_steps(st, u, delta, t, h, at)
         failed_s |= stuck_s
     else:
-        eta, W, sc, dev, aux, h = state
+        eta, W, sc, aux, _, h = state
         A = _gram(st, [W * vc for vc in v], v, 1.0)
         Ainv = _inv_blocks(A)
         iters[~conv_s] = maxit
-    return u, state, A, Ainv, conv_s & ~failed_s, iters
+    eta, W, sc, aux, dev, _ = state
+    if dev is None:
+        dev = kern.deviance_rows(eta, st.y, w_arg, c_arg, aux)
+    return u, (eta, W, sc, dev, aux, None), A, Ainv, conv_s & ~failed_s, iters
 
 
 # --------------------------------------------------------------------- evaluate

@@ -20,12 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from .batch_kernels import RowKernel
-from .batch_laplace import BatchEval, halve_steps
+from .batch_laplace import CHECK_STEP, BatchEval, halve_steps
 
 __all__ = ["evaluate_scalar"]
-
-#: PIRLS steps up to this size (every group) skip the step-halving check
-CHECK_STEP = 0.1
 
 
 def _features(st):
