@@ -361,7 +361,7 @@ def evaluate_general(st: Stack, kern: RowKernel, theta: np.ndarray, beta: np.nda
     ZWZ = _gram(st, list(WZ), list(Z), 0.0)
     Hg[:, :nt, :nt] += 2.0 * ZWZ[:, trow[:, None], trow[None, :]] * Ainv[:, tcol[:, None], tcol[None, :]]
     Nmat = _group_sums(st, (WZ[:, None, :] * V[None, :, :]).reshape(k * k, st.N)).reshape(st.G, k, k)
-    pb, pc = np.triu_indices(k)
+    pb, pc = tcol, trow  # the upper-triangle pairs (b <= c), in np.triu_indices(k) order
     w1vv = W1 * V[pb] * V[pc]  # (npair, N)
     sums = _group_sums(st, (w1vv[:, None, :] * Em[None, :, :]).reshape(pb.size * d, st.N))
     sums = sums.reshape(st.G, pb.size, d).transpose(0, 2, 1)  # (G, d, npair)
