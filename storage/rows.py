@@ -6,7 +6,8 @@ before a write transaction starts, and reported as
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -54,16 +55,26 @@ _JSON_COLUMNS = frozenset({"ngroups", "warnings", "optinfo"})
 
 @dataclass(frozen=True)
 class PreparedResult:
-    """A validated result: the ledger update plus fit and child rows (without ids)."""
+    """A validated result: the ledger update plus fit and child rows (without ids).
+
+    Rows are tuples in the order of :data:`FIT_COLUMNS`, :data:`COEFFICIENT_COLUMNS`,
+    :data:`VARIANCE_COLUMNS` and :data:`RANEF_COLUMNS`, with values the database
+    driver takes as they are: ``None``, ``int``, ``bool``, ``str``, finite ``float``
+    (NaN and ±inf already ``None``) and, in JSON columns, the serialised JSON text.
+    """
 
     key: str
     status: str
-    fit: dict[str, Any] | None
-    coefficients: list[dict[str, Any]]
-    variance: list[dict[str, Any]]
-    ranef: list[dict[str, Any]]
+    fit: tuple[Any, ...] | None
+    coefficients: list[tuple[Any, ...]]
+    variance: list[tuple[Any, ...]]
+    ranef: list[tuple[Any, ...]]
     error_class: str | None
     error_message: str | None
+
+
+class _Bad(ValueError):
+    """Internal: a value a column cannot take (the caller adds where it was)."""
 
 
 def _check_json(value: Any, where: str) -> Any:
@@ -75,41 +86,136 @@ def _check_json(value: Any, where: str) -> Any:
     return value
 
 
-def _convert(column: str, value: Any, where: str) -> Any:
+def _to_float(value: Any) -> float | None:
+    if type(value) is float:  # the common case: no call
+        return value if value - value == 0.0 else None  # NaN/inf → None
     value = to_python(value)
     if value is None:
         return None
-    if column in _JSON_COLUMNS:
-        return _check_json(value, f"{where}: column {column!r}")
     try:
-        if column in _INT_COLUMNS:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"{value!r} is not an integer")
-            return int(value)
-        if column in _BOOL_COLUMNS:
-            return bool(value)
-        if column in _TEXT_COLUMNS:
-            return str(value)
+        value = float(value)
     except (TypeError, ValueError) as exc:
+        raise _Bad(str(exc)) from None
+    return value if math.isfinite(value) else None
+
+
+def _to_int(value: Any) -> int | None:
+    if type(value) is int:
+        return value
+    value = to_python(value)
+    if value is None:
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        raise _Bad(f"{value!r} is not an integer")
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _Bad(str(exc)) from None
+
+
+def _to_bool(value: Any) -> bool | None:
+    if type(value) is bool:
+        return value
+    value = to_python(value)
+    return None if value is None else bool(value)
+
+
+def _to_text(value: Any) -> str | None:
+    if type(value) is str:
+        return value
+    value = to_python(value)
+    return None if value is None else str(value)
+
+
+def _to_json(value: Any) -> str | None:
+    value = to_python(value)
+    if value is None:
+        return None
+    try:
+        return json_dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise _Bad(f"not JSON-serialisable: {exc}") from None
+
+
+def _converter(column: str) -> Callable[[Any], Any]:
+    if column in _JSON_COLUMNS:
+        return _to_json
+    if column in _INT_COLUMNS:
+        return _to_int
+    if column in _BOOL_COLUMNS:
+        return _to_bool
+    if column in _TEXT_COLUMNS:
+        return _to_text
+    return _to_float
+
+
+def _convert(column: str, value: Any, where: str) -> Any:
+    """One value of ``column`` in driver form; :class:`InvalidRecordError` otherwise."""
+    try:
+        return _converter(column)(value)
+    except _Bad as exc:
         raise InvalidRecordError(f"{where}: column {column!r}: {exc}") from None
-    return value  # float columns: FiniteFloat converts and maps NaN/inf to NULL
 
 
-def _row(
-    data: Mapping[str, Any], columns: Sequence[str], required: Sequence[str], where: str
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Layout:
+    """Columns of one row kind, their converters and the required ones (positions)."""
+
+    columns: tuple[str, ...]
+    converters: tuple[Callable[[Any], Any], ...]
+    required: tuple[int, ...]
+    known: frozenset[str]
+
+    @classmethod
+    def of(cls, columns: Sequence[str], required: Sequence[str]) -> _Layout:
+        columns = tuple(columns)
+        return cls(columns, tuple(_converter(c) for c in columns),
+                   tuple(columns.index(c) for c in required), frozenset(columns))
+
+
+_FIT = _Layout.of(FIT_COLUMNS, ())
+_COEF = _Layout.of(COEFFICIENT_COLUMNS, ("term",))
+_VAR = _Layout.of(VARIANCE_COLUMNS, ("grp",))
+_RANEF = _Layout.of(RANEF_COLUMNS, ("grp", "level", "term"))
+
+
+def _row(data: Any, layout: _Layout, where: Callable[[], str]) -> tuple[Any, ...]:
+    """``data`` (a dict) as a tuple in ``layout.columns`` order, validated and converted.
+
+    ``where`` builds the culprit's name only when there is an error to report.
+    """
     if not isinstance(data, Mapping):
-        raise InvalidRecordError(f"{where}: expected a dict, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(columns))
-    if unknown:
+        raise InvalidRecordError(f"{where()}: expected a dict, got {type(data).__name__}")
+    if not layout.known.issuperset(data):
+        unknown = sorted(set(data) - layout.known)
         raise InvalidRecordError(
-            f"{where}: unknown column(s) {unknown}; valid: {', '.join(columns)}"
+            f"{where()}: unknown column(s) {unknown}; valid: {', '.join(layout.columns)}"
         )
-    row = {c: _convert(c, data.get(c), where) for c in columns}
-    missing = [c for c in required if row[c] is None]
+    get = data.get
+    try:
+        row = tuple(
+            [conv(get(column)) for column, conv in zip(layout.columns, layout.converters)]
+        )
+    except _Bad as exc:
+        bad = next(c for c, conv in zip(layout.columns, layout.converters)
+                   if not _converts(conv, get(c)))
+        raise InvalidRecordError(f"{where()}: column {bad!r}: {exc}") from None
+    missing = [layout.columns[i] for i in layout.required if row[i] is None]
     if missing:
-        raise InvalidRecordError(f"{where}: missing required column(s) {missing}")
+        raise InvalidRecordError(f"{where()}: missing required column(s) {missing}")
     return row
+
+
+def _converts(conv: Callable[[Any], Any], value: Any) -> bool:
+    try:
+        conv(value)
+    except _Bad:
+        return False
+    return True
+
+
+def _rows(items: Any, layout: _Layout, where: str, what: str) -> list[tuple[Any, ...]]:
+    return [_row(r, layout, lambda i=i: f"{where} {what}[{i}]") for i, r in enumerate(items)]
 
 
 def _prepare(result: StratumResult, store_random_effects: bool) -> PreparedResult:
@@ -124,23 +230,10 @@ def _prepare(result: StratumResult, store_random_effects: bool) -> PreparedResul
     if not fitted and (result.fit is not None or result.coefficients or result.variance
                        or result.ranef):
         raise InvalidRecordError(f"{where}: a 'failed' result carries no estimates")
-    fit = _row(result.fit, FIT_COLUMNS, (), f"{where} fit") if fitted else None
-    coefs = [
-        _row(r, COEFFICIENT_COLUMNS, ("term",), f"{where} coefficients[{i}]")
-        for i, r in enumerate(result.coefficients)
-    ]
-    variance = [
-        _row(r, VARIANCE_COLUMNS, ("grp",), f"{where} variance[{i}]")
-        for i, r in enumerate(result.variance)
-    ]
-    ranef = (
-        [
-            _row(r, RANEF_COLUMNS, ("grp", "level", "term"), f"{where} ranef[{i}]")
-            for i, r in enumerate(result.ranef)
-        ]
-        if store_random_effects
-        else []
-    )
+    fit = _row(result.fit, _FIT, lambda: f"{where} fit") if fitted else None
+    coefs = _rows(result.coefficients, _COEF, where, "coefficients")
+    variance = _rows(result.variance, _VAR, where, "variance")
+    ranef = _rows(result.ranef, _RANEF, where, "ranef") if store_random_effects else []
     error_class = result.error_class
     if error_class is not None:
         error_class = str(error_class)[:ERROR_CLASS_MAX]

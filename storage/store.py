@@ -1,7 +1,8 @@
 """The :class:`Store`: stratafit's one storage interface (queue, ledger, results).
 
-All SQL of the project lives here (SQLAlchemy 2 Core statements on the tables of
-:mod:`storage.models`; nothing is built from user strings). Only plain records from
+All SQL of the project lives here and in :mod:`storage.results` (the result tables'
+statements, run inside this class's transactions): SQLAlchemy 2 Core statements on the
+tables of :mod:`storage.models`, nothing built from user strings. Only plain records from
 :mod:`storage.records` cross the boundary.
 
 Concurrency model
@@ -44,18 +45,17 @@ from typing import Any, ParamSpec, TypeVar
 import pandas as pd
 import sqlalchemy as sa
 from alembic.util import CommandError
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from storage import migrate
 from storage.engine import WRITE_OPTION, create_engine, json_dumps, resolve_url
 from storage.errors import InvalidRecordError, JobNotFound, StaleAttemptError, StorageError
-from storage.models import Coefficient, FiniteFloat, Fit, Job, RandomEffect, Stratum
-from storage.models import UTCDateTime, VarianceComponent, utcnow
+from storage.models import Job, Stratum, UTCDateTime, utcnow
 from storage.records import JobRecord, StratumPlan, StratumResult
-from storage.rows import COEFFICIENT_COLUMNS, ERROR_CLASS_MAX, RANEF_COLUMNS, VARIANCE_COLUMNS
-from storage.rows import prepare_results, strata_rows
+from storage.results import TABLES, chunks, read_result_table, write_results
+from storage.rows import ERROR_CLASS_MAX, prepare_results, strata_rows
 from storage.states import JobEvent, JobStatus, StratumStatus, next_job_status
 from storage.states import final_job_message, final_job_status
 
@@ -66,33 +66,9 @@ _R = TypeVar("_R")
 
 _jobs: sa.Table = Job.__table__  # type: ignore[assignment]
 _strata: sa.Table = Stratum.__table__  # type: ignore[assignment]
-_fits: sa.Table = Fit.__table__  # type: ignore[assignment]
-_coefs: sa.Table = Coefficient.__table__  # type: ignore[assignment]
-_vcomp: sa.Table = VarianceComponent.__table__  # type: ignore[assignment]
-_ranef: sa.Table = RandomEffect.__table__  # type: ignore[assignment]
 
-_CHUNK = 1000  # rows per INSERT statement / keys per IN list
 _NOT_FITTED_CLASS = "NotFitted"
 _NOT_FITTED_MESSAGE = "the job finished before this stratum was fitted"
-
-# read_table: name -> (table, columns shown after "stratum"); children join through fits.
-_FIT_SHOWN = tuple(c.name for c in _fits.c if c.name not in ("id", "job_id", "stratum_id"))
-_STRATA_SHOWN = (
-    "values", "nrows", "status", "attempts", "error_class", "error_message", "updated_at",
-)
-_CHILDREN: dict[str, tuple[sa.Table, tuple[str, ...]]] = {
-    "coefficients": (_coefs, COEFFICIENT_COLUMNS),
-    "variance": (_vcomp, VARIANCE_COLUMNS),
-    "ranef": (_ranef, RANEF_COLUMNS),
-}
-#: Valid names for :meth:`Store.read_table`.
-TABLES: tuple[str, ...] = ("fits", "coefficients", "variance", "ranef", "strata")
-
-
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
 
 def _wrap_db_errors(method: Callable[_P, _R]) -> Callable[_P, _R]:
     """Re-raise SQLAlchemy/driver/Alembic errors as :class:`StorageError`."""
@@ -568,7 +544,7 @@ class Store:
         stmt = self._upsert_ignore()
         with self._write() as conn:
             self._fence(conn, job_id, attempt)
-            for chunk in _chunks(rows):
+            for chunk in chunks(rows):
                 conn.execute(stmt, list(chunk))
             n = conn.execute(
                 select(func.count()).select_from(_strata).where(_strata.c.job_id == job_id)
@@ -617,7 +593,7 @@ class Store:
         updated = 0
         with self._write() as conn:
             self._fence(conn, job_id, attempt)
-            for chunk in _chunks(keys):
+            for chunk in chunks(keys):
                 result = conn.execute(
                     update(_strata)
                     .where(
@@ -691,78 +667,8 @@ class Store:
         now = utcnow()
         with self._write() as conn:
             self._fence(conn, job_id, attempt)
-            if not prepared:
-                return 0
-            ids = self._stratum_ids(conn, job_id, [p.key for p in prepared])
-            self._delete_fits(conn, list(ids.values()))
-            fit_rows = [
-                {**p.fit, "job_id": job_id, "stratum_id": ids[p.key], "attempt": attempt,
-                 "created_at": now}
-                for p in prepared
-                if p.fit is not None
-            ]
-            fit_ids: dict[int, int] = {}
-            if fit_rows:
-                returned = conn.execute(
-                    insert(_fits).returning(
-                        _fits.c.id, _fits.c.stratum_id, sort_by_parameter_order=True
-                    ),
-                    fit_rows,
-                )
-                fit_ids = {r.stratum_id: r.id for r in returned}
-            for attr, (table, _) in _CHILDREN.items():
-                rows = [
-                    {**row, "fit_id": fit_ids[ids[p.key]]}
-                    for p in prepared
-                    for row in getattr(p, attr)
-                ]
-                for chunk in _chunks(rows):
-                    conn.execute(insert(table), list(chunk))
-            conn.execute(
-                update(_strata)
-                .where(_strata.c.id == bindparam("b_id"))
-                .values(
-                    status=bindparam("b_status"),
-                    attempts=_strata.c.attempts + 1,
-                    error_class=bindparam("b_error_class"),
-                    error_message=bindparam("b_error_message"),
-                    updated_at=now,
-                ),
-                [
-                    {
-                        "b_id": ids[p.key],
-                        "b_status": p.status,
-                        "b_error_class": p.error_class,
-                        "b_error_message": p.error_message,
-                    }
-                    for p in prepared
-                ],
-            )
+            write_results(conn, job_id, attempt, prepared, now)
         return len(prepared)
-
-    @staticmethod
-    def _stratum_ids(conn: sa.Connection, job_id: int, keys: list[str]) -> dict[str, int]:
-        ids: dict[str, int] = {}
-        for chunk in _chunks(keys):
-            rows = conn.execute(
-                select(_strata.c.key, _strata.c.id).where(
-                    _strata.c.job_id == job_id, _strata.c.key.in_(chunk)
-                )
-            )
-            ids.update({r.key: r.id for r in rows})
-        missing = [k for k in keys if k not in ids]
-        if missing:
-            raise InvalidRecordError(
-                f"job {job_id}: results for unregistered strata {missing[:5]}"
-                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            )
-        return ids
-
-    @staticmethod
-    def _delete_fits(conn: sa.Connection, stratum_ids: list[int]) -> None:
-        """Delete the fits of these strata; ON DELETE CASCADE removes their children."""
-        for chunk in _chunks(stratum_ids):
-            conn.execute(delete(_fits).where(_fits.c.stratum_id.in_(chunk)))
 
     @_wrap_db_errors
     def read_table(self, job_id: int, table: str) -> pd.DataFrame:
@@ -789,39 +695,8 @@ class Store:
             Unknown ``table``.
         JobNotFound
         """
-        if table not in TABLES:
-            raise ValueError(f"unknown table {table!r}; valid: {', '.join(TABLES)}")
-        stratum = _strata.c.key.label("stratum")
-        if table == "strata":
-            source: sa.Table = _strata
-            shown = _STRATA_SHOWN
-            query = select(stratum, *(_strata.c[c] for c in shown)).where(
-                _strata.c.job_id == job_id
-            )
-        elif table == "fits":
-            source, shown = _fits, _FIT_SHOWN
-            query = (
-                select(stratum, *(_fits.c[c] for c in shown))
-                .join_from(_fits, _strata, _fits.c.stratum_id == _strata.c.id)
-                .where(_fits.c.job_id == job_id)
-            )
-        else:
-            source, shown = _CHILDREN[table]
-            query = (
-                select(stratum, *(source.c[c] for c in shown))
-                .join_from(source, _fits, source.c.fit_id == _fits.c.id)
-                .join(_strata, _fits.c.stratum_id == _strata.c.id)
-                .where(_fits.c.job_id == job_id)
-            )
-        query = query.order_by(_strata.c.key, source.c.id)
         with self._read() as conn:
-            rows = conn.execute(query).all()
-            if not rows:
+            frame = read_result_table(conn, job_id, table)
+            if frame.empty:
                 self._exists(conn, job_id)
-        columns = ["stratum", *shown]
-        frame = pd.DataFrame([tuple(r) for r in rows], columns=columns)
-        for name in shown:
-            if isinstance(source.c[name].type, FiniteFloat):
-                frame[name] = frame[name].astype("float64")
-        # SQL collations differ between backends; sort by code point, stably.
-        return frame.sort_values("stratum", kind="stable", ignore_index=True)
+        return frame

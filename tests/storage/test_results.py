@@ -170,6 +170,10 @@ def test_nan_and_inf_are_stored_as_null(store, running):
     assert v == [None, None, 0.081, None]
     fits = store.read_table(running.id, "fits")
     assert math.isnan(fits.loc[0, "loglik"]) and fits["loglik"].dtype == "float64"
+    created = fits.loc[0, "created_at"]
+    assert created.tzinfo is not None
+    assert abs((pd.Timestamp.now(tz="UTC") - created).total_seconds()) < 600
+    assert fits.loc[0, "attempt"] == running.attempt
 
 
 def test_read_table_shapes_and_order(store, running):
@@ -244,6 +248,11 @@ INVALID = [
     (StratumResult(KEYS[0], "succeeded", fit={}, coefficients=[{"estimate": 1.0}]),
      r"coefficients\[0\]: missing required column\(s\) \['term'\]"),
     (StratumResult(KEYS[0], "succeeded", fit={"optinfo": {"f": object()}}), "'optinfo'"),
+    (StratumResult(KEYS[0], "succeeded", fit={"loglik": "high"}), r"fit: column 'loglik'"),
+    (StratumResult(KEYS[0], "succeeded", fit={"nobs": 1.5}), r"fit: column 'nobs'.*integer"),
+    (StratumResult(KEYS[0], "succeeded", fit={},
+                   variance=[{"grp": "g", "sd": 1.0}, {"grp": "g", "sd": [1.0]}]),
+     r"variance\[1\]: column 'sd'"),
     (StratumResult("region=nowhere", "failed"), "unregistered strata"),
 ]
 
