@@ -99,8 +99,8 @@ class Response:
         kind = self.fast
         if kind == "logit":
             # mu = expit(eta), V = mu' = mu(1-mu); dev = -2 Σ w (y η - log(1 + e^η)) + c
-            # one exp: e = exp(-|η|), μ = (η ≥ 0 ? 1 : e) / (1 + e), log(1 + e^η) = max(η, 0) + log1p(e)
-            # μ(1-μ) = e / (1 + e)² on both sides, without cancellation
+            # one exp: e = exp(-|η|), μ = (η ≥ 0 ? 1 : e) / (1 + e), μ(1-μ) = e / (1 + e)² (no
+            # cancellation on either side), log(1 + e^η) = max(η, 0) + log(1 + e) summed by sum_log
             e = np.abs(eta)
             np.negative(e, out=e)
             np.exp(e, out=e)
