@@ -61,12 +61,15 @@ __all__ = [
 ROWS_PER_SECOND = 200_000
 #: Fixed cost of one stratum's fit, in row equivalents (model frame, optimiser start).
 OVERHEAD_ROWS = 400
-#: Default task size in row equivalents (``max_task_seconds = 0.25``). Every task costs
-#: the worker's event loop and the scheduler ~10-15 ms of CPU each, and ``fit_many``
-#: fits a task's strata in blocks of up to 24,000 rows: measured on 2,000 strata of
-#: ~2,000 rows (one worker), 20,000-row tasks (8 strata) took 11.7 ms of worker CPU and
-#: 1.5 ms of scheduler CPU per stratum, 50,000-row tasks (21 strata) 10.1 and 0.8.
-DEFAULT_TARGET_ROWS = 50_000
+#: Default task size in row equivalents (``max_task_seconds = 0.5``). Every task costs
+#: the coordinator (scheduler, client, result transfer) ~9-11 ms of CPU and the
+#: worker's event loop a few ms more, and ``fit_many`` fits a task's strata in blocks
+#: of up to 24,000 rows: measured on 2,000 strata of ~2,000 rows (one worker),
+#: 20,000-row tasks (8 strata) took 11.7 ms of worker CPU and 1.5 ms of scheduler CPU
+#: per stratum, 50,000-row tasks (21 strata) 10.1 and 0.8, 120,000-row tasks (50
+#: strata) 10.0 and 0.5. Larger tasks also mean a longer tail (the last task of a job)
+#: and more strata sharing the fate of a task whose worker dies.
+DEFAULT_TARGET_ROWS = 100_000
 #: Upper bound of strata per task, so results stream back while a job runs.
 MAX_STRATA_PER_TASK = 64
 #: How a null strata value appears in a key.

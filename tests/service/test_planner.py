@@ -250,7 +250,7 @@ def test_packing_small_strata_capped(hive):
     tasks = plan_tasks(h, spec_for(root), fake_strata([1] * 200), target_rows_per_task=20_000,
                        columns=COLUMNS)
     assert [len(t.strata) for t in tasks] == [49, 49, 49, 49, 4]
-    # the default target (50000 // 401 = 124) lets the strata cap bind
+    # the default target (100000 // 401 = 249) lets the strata cap bind
     tasks = plan_tasks(h, spec_for(root), fake_strata([1] * 200), columns=COLUMNS)
     assert [len(t.strata) for t in tasks] == [64, 64, 64, 8]
 
@@ -258,12 +258,13 @@ def test_packing_small_strata_capped(hive):
 def test_max_task_seconds_sets_target(hive):
     root, _ = hive
     h = open_dataset(root)
-    strata = fake_strata([1000] * 100)
+    strata = fake_strata([2000] * 100)
     default = plan_tasks(h, spec_for(root), strata, columns=COLUMNS)
-    per = int(DEFAULT_TARGET_ROWS // (OVERHEAD_ROWS + 1000))
+    per = int(DEFAULT_TARGET_ROWS // (OVERHEAD_ROWS + 2000))
+    assert 1 < per < MAX_STRATA_PER_TASK  # the target, not the cap, decides
     assert {len(t.strata) for t in default[:-1]} == {per}
     short = plan_tasks(h, spec_for(root, max_task_seconds=0.05), strata, columns=COLUMNS)
-    per_short = int(0.05 * ROWS_PER_SECOND // (OVERHEAD_ROWS + 1000))
+    per_short = int(0.05 * ROWS_PER_SECOND // (OVERHEAD_ROWS + 2000))
     assert 1 < per_short < min(per, MAX_STRATA_PER_TASK)  # the seconds, not a cap, decide
     assert {len(t.strata) for t in short[:-1]} == {per_short}
     assert plan_tasks(h, spec_for(root), [], columns=COLUMNS) == []
