@@ -33,6 +33,21 @@ Measured:
   service's (worker processes' CPU from psutil samples, and workers + coordinator),
   both sides including everything they do ("CPU eff" = fitter / service).
 
+Steady state (throughput without the fixed cost of one job: process start, imports,
+cluster start, planning, which is latency), printed next to the whole-command figures,
+with the same targets:
+
+* marginal fits/s = (N2 - N1) / (wall(N2) - wall(N1)) between the smallest and the
+  largest size, per worker count: the extra strata per extra second of a bigger job;
+  "steady e2e/fitter" = marginal fits/s / the fitter's fits/s (target >= 80%) and
+  "steady speedup 2 vs 1" = marginal fits/s with 2 workers / with 1 (target >= 1.8);
+  marginal CPU ms per fit of the workers and of the coordinator (same difference of
+  the CPU clocks) are shown for information;
+* stream fits/s (per run, from the store): strata written after the job's first result
+  batch / (last ``fits.created_at`` - first ``fits.created_at``): the rate at which
+  results arrive once the first have; needs no second size but leaves out the tail of
+  the first batch and is coarse on small jobs (batches of up to 200 results or 1 s).
+
     python benchmarks/bench_service.py [--quick] [--sizes 200,2000] [--workers 1,2]
         [--fitter-sample 200] [--keep] [--batched]
 
@@ -205,6 +220,8 @@ def run_service(spec: Path, n_strata: int, workers: int, workdir: Path, timeout:
     }
     # what the store says
     try:
+        import pandas as pd
+
         from service.api import open_store, results
 
         st = open_store(url)
@@ -215,6 +232,13 @@ def run_service(spec: Path, n_strata: int, workers: int, workdir: Path, timeout:
             res["job_s"] = (job.finished_at - job.started_at).total_seconds()
         fits = results(job.id, "fits", store=st)
         res["n_results"] = len(fits)
+        if "created_at" in fits.columns and len(fits):
+            created = pd.to_datetime(fits["created_at"], utc=True)
+            first, last = created.min(), created.max()
+            span = (last - first).total_seconds()
+            res["stream_span_s"] = span
+            res["stream_strata"] = int((created > first).sum())
+            res["fits_per_s_stream"] = res["stream_strata"] / span if span > 0 else None
         if "elapsed" in fits.columns and len(fits):
             el = fits["elapsed"].astype(float)
             res["fit_elapsed_sum_s"] = float(el.sum())  # time inside the fitter, all strata
@@ -396,6 +420,7 @@ def main(argv=None) -> int:
             f"{r['wall_s']:.1f}",
             "-" if r["fits_per_s"] is None else f"{r['fits_per_s']:.1f}",
             "-" if r.get("fits_per_s_job") is None else f"{r['fits_per_s_job']:.1f}",
+            "-" if r.get("fits_per_s_stream") is None else f"{r['fits_per_s_stream']:.1f}",
             "-" if f.get("fits_per_s") is None else f"{f['fits_per_s']:.1f}",
             "-" if eff is None else f"{100 * eff:.0f}% {check(eff, 0.8)}",
             "-" if r.get("fit_elapsed_median_ms") is None else f"{r['fit_elapsed_median_ms']:.1f}",
@@ -409,9 +434,9 @@ def main(argv=None) -> int:
         ])
     print()
     print(table(["strata", "workers", "exit", "job", "wall s", "e2e fits/s", "job fits/s",
-                 "fitter fits/s", "e2e/fitter", "ms/fit in svc", "fit busy", "coord RSS MB",
+                 "stream fits/s", "fitter fits/s", "e2e/fitter", "ms/fit in svc", "fit busy", "coord RSS MB",
                  "workers RSS MB", "fitter CPU ms/fit", "workers CPU ms/fit",
-                 "all CPU ms/fit", "CPU eff"], rows, align="rrrlrrrrrrrrrrrrr"))
+                 "all CPU ms/fit", "CPU eff"], rows, align="rrrlrrrrrrrrrrrrrr"))
 
     summary = {"speedup_2v1": {}, "rss_growth": None}
     srows = []
@@ -436,6 +461,39 @@ def main(argv=None) -> int:
                                      "fixed_share_small": fixed / a["wall_s"]}
             srows.append([f"fixed start-up per job, {w} worker(s) (share of the {lo}-strata wall)",
                           f"{fixed:.1f} s ({100 * fixed / a['wall_s']:.0f}%)", "(info)", ""])
+        # steady state: marginal throughput between the two sizes (no fixed cost)
+        summary["steady"] = {}
+        for w in workers:
+            a, b = by.get((lo, w)), by.get((hi, w))
+            if not (a and b and a["exit_code"] == 0 and b["exit_code"] == 0):
+                continue
+            dt = b["wall_s"] - a["wall_s"]
+            rate = (hi - lo) / dt if dt > 0 else None
+            f = fitter.get((hi, w), {})
+            eff = ratio(rate, f.get("fits_per_s"))
+
+            def _marginal(key):
+                if a.get(key) is None or b.get(key) is None:
+                    return None
+                return 1e3 * (b[key] - a[key]) / (hi - lo)
+
+            w_ms, c_ms = _marginal("workers_cpu_s"), _marginal("coordinator_cpu_s")
+            summary["steady"][w] = {"marginal_fits_per_s": rate, "fitter_fits_per_s": f.get("fits_per_s"),
+                                    "efficiency": eff, "workers_cpu_ms_per_fit": w_ms,
+                                    "coordinator_cpu_ms_per_fit": c_ms}
+            srows.append([f"steady (marginal {lo}->{hi}) fits/s, {w} worker(s)",
+                          "-" if rate is None else f"{rate:.1f}", "(info)", ""])
+            srows.append([f"steady e2e / fitter throughput, {w} worker(s)",
+                          "-" if eff is None else f"{100 * eff:.0f}%", ">= 80%", check(eff, 0.8)])
+            srows.append([f"steady CPU ms/fit, {w} worker(s): workers / coordinator",
+                          f"{'-' if w_ms is None else f'{w_ms:.1f}'} / {'-' if c_ms is None else f'{c_ms:.1f}'}"
+                          f" (fitter {f.get('cpu_ms_per_fit') or float('nan'):.1f})", "(info)", ""])
+        st = summary["steady"]
+        if 1 in st and 2 in st:
+            sp = ratio(st[2]["marginal_fits_per_s"], st[1]["marginal_fits_per_s"])
+            summary["steady_speedup_2v1"] = sp
+            srows.append(["steady speedup 2 vs 1 workers (marginal fits/s)", fmt_ratio(sp), ">= 1.8",
+                          check(sp, 1.8)])
 
         peaks = {n: max((r["coordinator_peak_rss_mb"] or 0) for r in runs if r["n_strata"] == n) for n in (lo, hi)}
         g = ratio(peaks[hi], peaks[lo])
@@ -445,6 +503,14 @@ def main(argv=None) -> int:
     effs = [r["efficiency"] for r in runs if r["efficiency"] is not None]
     if effs:
         srows.append(["worst e2e / fitter throughput", f"{100 * min(effs):.0f}%", ">= 80%", check(min(effs), 0.8)])
+    for r in runs:
+        f = fitter.get((r["n_strata"], r["workers"]), {})
+        r["stream_efficiency"] = ratio(r.get("fits_per_s_stream"), f.get("fits_per_s"))
+    seffs = [(r["stream_efficiency"], r) for r in runs if r["stream_efficiency"] is not None]
+    if seffs:
+        e, r = min(seffs, key=lambda t: t[0])
+        srows.append([f"worst stream fits/s / fitter ({r['n_strata']} strata, {r['workers']} worker(s))",
+                      f"{100 * e:.0f}%", ">= 80%", check(e, 0.8)])
     ceffs = [r["cpu_efficiency_total"] for r in runs if r.get("cpu_efficiency_total") is not None]
     if ceffs:
         srows.append(["worst CPU efficiency (fitter CPU / service CPU per fit)",
