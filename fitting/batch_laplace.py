@@ -45,8 +45,8 @@ import numpy as np
 from .batch_kernels import RowKernel
 from .batch_stack import Stack, tril_layout
 
-__all__ = ["BatchEval", "evaluate", "halve_steps", "evaluate_general", "lambdas", "PIRLS_TOL", "PIRLS_MAXIT",
-           "CHECK_STEP"]
+__all__ = ["BatchEval", "evaluate", "halve_steps", "evaluate_general", "lambdas", "strata_sums", "strata_gram",
+           "PIRLS_TOL", "PIRLS_MAXIT", "CHECK_STEP"]
 
 #: PIRLS stops when every group's Fisher-scoring step is below this (max-abs, relative to 1 + |u|).
 PIRLS_TOL = 1e-10
@@ -341,7 +341,7 @@ def evaluate_general(st: Stack, kern: RowKernel, theta: np.ndarray, beta: np.nda
     Gm = d1 * Jm
     Gm += cw * Em
     Gm[:nt] += (2.0 * W) * yv
-    g = _strata_sums(st, Gm)
+    g = strata_sums(st, Gm)
     ok = ok & np.all(np.isfinite(g), axis=1)
     if order == 1:
         return BatchEval(f, g, None, u, Ainv, ok, iters, info, U1)
@@ -351,8 +351,8 @@ def evaluate_general(st: Stack, kern: RowKernel, theta: np.ndarray, beta: np.nda
     T = 2.0 * W1 * yv - d2 * Zt * Ar[tcol]  # (nt, N)
     L = alpha * Em
     L[:nt] += T
-    Hs = _strata_gram(st, d2 * Jm, Jm) + _strata_gram(st, L, Em)  # Σ d2 J J' + (αe + t) e'
-    Hs[:, :, :nt] += _strata_gram(st, Em, T)  # + e t'
+    Hs = strata_gram(st, d2 * Jm, Jm) + strata_gram(st, L, Em)  # Σ d2 J J' + (αe + t) e'
+    Hs[:, :, :nt] += strata_gram(st, Em, T)  # + e t'
     QP = np.zeros((st.G, k, d))
     QP[:, tcol, np.arange(nt)] = _group_sums(st, (cw - d2 * om) * Zt)
     Hg = np.swapaxes(B + QP, 1, 2) @ U1
@@ -383,7 +383,7 @@ def evaluate_general(st: Stack, kern: RowKernel, theta: np.ndarray, beta: np.nda
     return BatchEval(f, g, H, u, Ainv, ok, iters, info, U1)
 
 
-#: :func:`_strata_gram` takes one matrix product per stratum for at most this many strata
+#: :func:`strata_gram` takes one matrix product per stratum for at most this many strata
 #: or strata of at least :data:`_GRAM_ROWS` rows on average (measured faster on 40-100
 #: strata of 130-200 rows), else sums the row products by segments
 _GRAM_LOOP = 16
@@ -400,14 +400,14 @@ def _group_sums(st: Stack, M: np.ndarray) -> np.ndarray:
     return np.add.reduceat(M, st.group_start, axis=1).T
 
 
-def _strata_sums(st: Stack, M: np.ndarray) -> np.ndarray:
+def strata_sums(st: Stack, M: np.ndarray) -> np.ndarray:
     """Per-stratum sums of the rows of ``M`` (r, N): (S, r)."""
     if st.S == 1:
         return M.sum(axis=1)[None, :]
     return np.add.reduceat(M, st.row_start, axis=1).T
 
 
-def _strata_gram(st: Stack, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+def strata_gram(st: Stack, A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``Σ_i a_i b_i'`` per stratum for ``A`` (r, N), ``B`` (q, N): (S, r, q).
 
     A matrix product per stratum (BLAS) for few or large strata; for many small strata

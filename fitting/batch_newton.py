@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .batch_kernels import RowKernel
-from .batch_laplace import BatchEval, evaluate
+from .batch_laplace import BatchEval, evaluate, strata_gram, strata_sums
 from .batch_stack import Stack
 
 __all__ = ["NewtonResult", "newton", "glm_start", "solve_stack", "directions", "LAMBDA2_TOL", "GRAD_TOL",
@@ -254,7 +254,7 @@ def glm_start(st: Stack, kern: RowKernel, *, maxit: int = 25, tol: float = 1e-10
         dmu0 = fam.link.mu_eta(eta0)
         W0 = st.w * dmu0 * dmu0 / fam.variance(mu0)
         zw = W0 * (eta0 - st.off + (st.y - mu0) / dmu0)
-        rhs = np.stack([st.by_stratum(zw * X[j]) for j in range(p)], axis=1)
+        rhs = strata_sums(st, zw * X)
         beta = solve_stack(_xtwx(st, W0), rhs)
         beta = np.where(np.isfinite(beta), beta, 0.0)
 
@@ -270,7 +270,7 @@ def glm_start(st: Stack, kern: RowKernel, *, maxit: int = 25, tol: float = 1e-10
     for _ in range(maxit):
         if not active.any():
             break
-        rhs = np.stack([st.by_stratum(sc * X[j]) for j in range(p)], axis=1)
+        rhs = strata_sums(st, sc * X)
         step = solve_stack(_xtwx(st, W), rhs)
         step[~active] = 0.0
         t = np.ones(S)
@@ -293,10 +293,5 @@ def glm_start(st: Stack, kern: RowKernel, *, maxit: int = 25, tol: float = 1e-10
 
 
 def _xtwx(st: Stack, W: np.ndarray) -> np.ndarray:
-    p = st.p
-    out = np.empty((st.S, p, p))
-    WX = [W * st.X[i] for i in range(p)]
-    for i in range(p):
-        for j in range(i, p):
-            out[:, i, j] = out[:, j, i] = st.by_stratum(WX[i] * st.X[j])
-    return out
+    """``X'WX`` per stratum (S, p, p)."""
+    return strata_gram(st, W * st.X, st.X)
