@@ -17,7 +17,12 @@ Ratios (higher = ours faster, except ours/GLM):
 Agreement: each engine's log-likelihood minus ours, and the largest absolute
 difference of a fixed-effect estimate from ours.
 
-    python benchmarks/bench_fit.py [--quick] [--reps N] [--slow-reps N]
+The fast engines (ours, ours without RE, statsmodels GLM, glmm) take turns: ``--rounds``
+rounds (default 5) of ``reps / rounds`` fits each, pooled; on a shared virtual machine
+whose speed drifts by tens of percent between minutes, back-to-back blocks per engine
+would compare different machines.
+
+    python benchmarks/bench_fit.py [--quick] [--reps N] [--slow-reps N] [--rounds R]
         [--models ri,crossed,contraception] [--skip mixedlm,sm_bayes,glmmtmb,...]
         [--clock wall|cpu]
 
@@ -29,8 +34,9 @@ import _common  # noqa: F401  (must come first: pins thread pools)
 
 import argparse
 import sys
+from dataclasses import replace
 
-from _common import (check, fmt_ms, fmt_ratio, header, machine_info, ratio, table,
+from _common import (check, fmt_ms, fmt_ratio, header, machine_info, median, ratio, table,
                      write_json)
 
 import datasets
@@ -64,20 +70,43 @@ def run_model(model: datasets.Model, args, skip: set[str]) -> dict:
         print(f"  {key:9s} {t}", file=sys.stderr, flush=True)
 
     print(f"{model.label}", file=sys.stderr, flush=True)
-    if "ours" not in skip:
-        note("ours", peers.time_ours(df, f, fam, reps=reps_for("ours")))
-        ff = peers.fixed_only(f)
-        r = peers.time_ours(df, ff, fam, reps=reps_for("ours"))
+    ff = peers.fixed_only(f)
+
+    def ours_glm(df, f, fam, reps):
+        r = peers.time_ours(df, ff, fam, reps=reps)
         r.peer = "stratafit, no RE"
-        note("ours_glm", r)
-    if "sm_glm" not in skip:
-        note("sm_glm", peers.time_statsmodels_glm(df, f, fam, reps=reps_for("sm_glm")))
-    for key in ("glmm", "mixedlm", "sm_bayes", "lme4", "glmmtmb"):
+        return r
+
+    fast = {"ours": peers.time_ours, "ours_glm": ours_glm, "sm_glm": peers.time_statsmodels_glm,
+            "glmm": peers.time_glmm}
+    fast = {k: fn for k, fn in fast.items() if k not in skip}
+    # the fast engines take turns in `rounds` rounds of reps/rounds fits each, so that a
+    # drift of the (shared, virtual) machine's speed during the run hits them alike
+    rounds = max(1, min(args.rounds, args.reps))
+    parts: dict[str, list[peers.PeerResult]] = {k: [] for k in fast}
+    for i in range(rounds):
+        n = args.reps // rounds + (1 if i < args.reps % rounds else 0)
+        for key, fn in fast.items():
+            parts[key].append(fn(df, f, fam, reps=n))
+    for key in fast:
+        note(key, merge_rounds(parts[key]))
+    for key in ("mixedlm", "sm_bayes", "lme4", "glmmtmb"):
         if key in skip:
             continue
         fn = ENGINES[key][0]
         note(key, fn(df, f, fam, reps=reps_for(key)))
     return res
+
+
+def merge_rounds(parts: list) -> "peers.PeerResult":
+    """One engine's rounds as one result: all timed fits pooled, medians recomputed."""
+    failed = [p for p in parts if not p.ok]
+    if failed:
+        return failed[0]
+    times = [t for p in parts for t in p.times_s]
+    cpu = [t for p in parts for t in p.cpu_times_s]
+    return replace(parts[-1], times_s=times, cpu_times_s=cpu, median_s=median(times),
+                   cpu_median_s=median(cpu))
 
 
 def summarise(model: datasets.Model, res: dict, clock: str) -> dict:
@@ -152,6 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("--slow-reps", type=int, default=None,
                     help="timed fits for mixedlm, statsmodels Bayes, lme4, glmmTMB (default 5, quick 1)")
     ap.add_argument("--models", default="ri,crossed,contraception")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="the fast engines take turns in this many rounds (default 5; 1 = one block each)")
     ap.add_argument("--skip", default="", help="comma list of engines to skip: " + ",".join(ENGINES))
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="clock the ratios use (cpu = process CPU time; steadier on a busy machine)")
