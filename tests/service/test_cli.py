@@ -254,3 +254,16 @@ def test_progress_printer_tty_and_plain():
         "strata 1/4 done, 0 failed, 1.0/s, ETA 3s",
         "strata 4/4 done, 0 failed, 1.0/s, ETA 0s",
     ]
+
+
+@pytest.mark.distributed
+def test_demo_exits_0_when_only_the_planted_stratum_fails(tmp_path, capsys):
+    # the quick start's first command: the demo plants one broken stratum (one doctor), which
+    # fails alone; that is the demo working, so the command succeeds (exit 0), and says why
+    code = main(["demo", "--dir", str(tmp_path / "demo"), "--strata", "12", "--workers", "1",
+                 "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == EXIT_OK
+    assert "succeeded_with_errors - 11 of 12 strata fitted (1 failed)" in out
+    assert "failed stratum region=" in out and "only 1 level" in out
+    assert "the demo plants 1 broken stratum" in out
