@@ -18,7 +18,8 @@ Errors print one line on stderr (``--debug`` adds the traceback).
 Exit codes
 ----------
 ===  ==============================================================================
-0    success (job ``succeeded``; ``worker --once`` with an empty queue; other commands)
+0    success (job ``succeeded``; ``worker --once`` with an empty queue; ``demo`` whose only
+     failure is the stratum it plants; other commands)
 1    job finished ``succeeded_with_errors`` (some strata failed or did not converge)
 2    usage or spec error (bad spec, bad arguments, unknown job)
 3    job ``failed``
@@ -70,7 +71,8 @@ EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = """\
 exit codes:
-  0    success (job succeeded; worker --once with an empty queue)
+  0    success (job succeeded; worker --once with an empty queue; demo whose only
+       failure is the stratum it plants)
   1    job finished succeeded_with_errors
   2    usage or spec error (bad spec, bad arguments, unknown job)
   3    job failed
