@@ -131,6 +131,11 @@ def _matvec(M: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``M @ x`` for stacks: (G, k, k) × (G, k) → (G, k)."""
     if M.shape[1] == 1:
         return M[:, :, 0] * x
+    if M.shape[1] == 2:  # closed form (einsum's setup dominates 2×2 products)
+        out = np.empty_like(x)
+        out[:, 0] = M[:, 0, 0] * x[:, 0] + M[:, 0, 1] * x[:, 1]
+        out[:, 1] = M[:, 1, 0] * x[:, 0] + M[:, 1, 1] * x[:, 1]
+        return out
     return np.einsum("gij,gj->gi", M, x)
 
 
@@ -326,7 +331,8 @@ def evaluate_general(st: Stack, kern: RowKernel, theta: np.ndarray, beta: np.nda
     q = (V * Y).sum(axis=0)
     cw = W1 * q
     d2V = d2 * V
-    Huinv = _inv_blocks(_gram(st, list(d2V), v, 2.0))
+    # H_u = Σ d2 v v' + 2I: with a canonical link d2 = 2W, so H_u = 2A (A at the modes)
+    Huinv = 0.5 * Ainv if kern.canonical else _inv_blocks(_gram(st, list(d2V), v, 2.0))
     a = _matvec(Huinv, _group_sums(st, cw * V))
     Ar = _rows(st, a)
     om = (V * Ar).sum(axis=0)
@@ -355,11 +361,12 @@ def evaluate_general(st: Stack, kern: RowKernel, theta: np.ndarray, beta: np.nda
     Hs[:, :, :nt] += strata_gram(st, Em, T)  # + e t'
     QP = np.zeros((st.G, k, d))
     QP[:, tcol, np.arange(nt)] = _group_sums(st, (cw - d2 * om) * Zt)
-    Hg = np.swapaxes(B + QP, 1, 2) @ U1
-    Hg += np.swapaxes(U1, 1, 2) @ QP
+    # per-group terms, summed over each stratum's groups as they are formed (_group_cross)
+    Hs += _group_cross(st, B + QP, U1) + _group_cross(st, U1, QP)
     WZ = W * Z
     ZWZ = _gram(st, list(WZ), list(Z), 0.0)
-    Hg[:, :nt, :nt] += 2.0 * ZWZ[:, trow[:, None], trow[None, :]] * Ainv[:, tcol[:, None], tcol[None, :]]
+    Hs[:, :nt, :nt] += st.groups_by_stratum(
+        2.0 * ZWZ[:, trow[:, None], trow[None, :]] * Ainv[:, tcol[:, None], tcol[None, :]])
     Nmat = _group_sums(st, (WZ[:, None, :] * V[None, :, :]).reshape(k * k, st.N)).reshape(st.G, k, k)
     pb, pc = tcol, trow  # the upper-triangle pairs (b <= c), in np.triu_indices(k) order
     w1vv = W1 * V[pb] * V[pc]  # (npair, N)
@@ -372,13 +379,14 @@ def evaluate_general(st: Stack, kern: RowKernel, theta: np.ndarray, beta: np.nda
         Mg[:, r, tcol[r], :] += Nmat[:, trow[r], :]
         Mg[:, r, :, tcol[r]] += Nmat[:, trow[r], :]
     if k == 1:
-        Km = Mg[:, :, 0, 0] * Ainv[:, 0, 0][:, None]
-        Hg -= Km[:, :, None] * Km[:, None, :]
+        Km = (Mg[:, :, 0, 0] * Ainv[:, 0, 0][:, None])[:, None, :]  # (G, 1, d)
+        Hs -= _group_cross(st, Km, Km)
     else:  # tr(A⁻¹M_a A⁻¹M_b) = Σ_ij K_a[i,j] K_b[j,i], K_a = A⁻¹M_a
-        Km = Ainv[:, None, :, :] @ Mg
-        Hg -= Km.reshape(st.G, d, k * k) @ np.swapaxes(Km, 2, 3).reshape(st.G, d, k * k).transpose(0, 2, 1)
-    H = Hs + st.groups_by_stratum(Hg)
-    H = 0.5 * (H + np.swapaxes(H, 1, 2))
+        Km = _blocks_times(Ainv, Mg)  # (G, d, k, k)
+        Kf = Km.reshape(st.G, d, k * k).transpose(0, 2, 1)  # (G, k², d): entries (i, j)
+        Kt = np.swapaxes(Km, 2, 3).reshape(st.G, d, k * k).transpose(0, 2, 1)  # entries (j, i)
+        Hs -= _group_cross(st, Kf, Kt)
+    H = 0.5 * (Hs + np.swapaxes(Hs, 1, 2))
     ok = ok & np.all(np.isfinite(H), axis=(1, 2))
     return BatchEval(f, g, H, u, Ainv, ok, iters, info, U1)
 
@@ -388,6 +396,35 @@ def evaluate_general(st: Stack, kern: RowKernel, theta: np.ndarray, beta: np.nda
 #: strata of 130-200 rows), else sums the row products by segments
 _GRAM_LOOP = 16
 _GRAM_ROWS = 64
+
+
+def _group_cross(st: Stack, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``Σ_g A_g' B_g`` over the groups of every stratum, for ``A`` (G, r, d1), ``B`` (G, r, d2).
+
+    One matrix product for a single stratum (``fitting.fit``'s one-stratum stack), else
+    the per-group products summed by stratum. Returns (S, d1, d2).
+    """
+    if st.S == 1:
+        return (A.reshape(-1, A.shape[2]).T @ B.reshape(-1, B.shape[2]))[None]
+    return st.groups_by_stratum(np.swapaxes(A, 1, 2) @ B)
+
+
+def _blocks_times(Ainv: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """``A_g⁻¹ M_ga`` for ``Ainv`` (G, k, k) and ``M`` (G, d, k, k): (G, d, k, k).
+
+    Closed form for ``k = 2`` (matmul's per-item overhead dominates 2×2 products).
+    """
+    if Ainv.shape[1] != 2:
+        return Ainv[:, None, :, :] @ M
+    a00, a01 = Ainv[:, 0, 0, None], Ainv[:, 0, 1, None]
+    a10, a11 = Ainv[:, 1, 0, None], Ainv[:, 1, 1, None]
+    m00, m01, m10, m11 = M[:, :, 0, 0], M[:, :, 0, 1], M[:, :, 1, 0], M[:, :, 1, 1]
+    out = np.empty_like(M)
+    out[:, :, 0, 0] = a00 * m00 + a01 * m10
+    out[:, :, 0, 1] = a00 * m01 + a01 * m11
+    out[:, :, 1, 0] = a10 * m00 + a11 * m10
+    out[:, :, 1, 1] = a10 * m01 + a11 * m11
+    return out
 
 
 def _rows(st: Stack, per_group: np.ndarray) -> np.ndarray:
