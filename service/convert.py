@@ -3,7 +3,11 @@
 This is the only place where a :class:`fitting.result.FitResult` (or the exception a fit
 raised) is translated into the plain records that cross the service/storage boundary.
 Everything produced here is JSON-serialisable and free of NumPy scalars, NaN and
-infinities (they become ``None``), so every storage backend can write it verbatim.
+infinities (they become ``None``), so every storage backend can write it verbatim. The
+child tables (coefficients, variance components, conditional modes) are in the columnar
+form of :class:`~storage.records.StratumResult` (``{column: list}``): a task's results
+then pickle, travel and unpickle as a few lists per stratum rather than one dict per row,
+and the coordinator validates them a column at a time.
 
 Outcome rules
 -------------
@@ -49,6 +53,7 @@ TRACEBACK_TAIL_LINES = 12
 _COEF_COLUMNS = ("term", "estimate", "std_error", "statistic", "p_value", "conf_low", "conf_high")
 _VAR_COLUMNS = ("grp", "term1", "term2", "variance", "sd", "correlation")
 _RANEF_COLUMNS = ("grp", "level", "term", "mode", "cond_sd")
+_PLAIN_TEXT = frozenset({str, type(None)})  # values a text column ships as they are
 _OPTINFO_FIELDS: tuple[str, ...] = ("optimizer", "evaluations", "elapsed", "final_gradient",
                                     "message", "initial", "final", "converged_code", "extra")
 
@@ -108,20 +113,23 @@ def _column_getter(frame: Any):
     return lambda i: frame.iloc[:, i].array
 
 
-def _records(frame: Any, columns: tuple[str, ...], rename: Mapping[str, str]) -> list[dict]:
-    """Rows of ``frame`` as dicts restricted to ``columns`` (after ``rename``)."""
+def _columns(frame: Any, columns: tuple[str, ...], rename: Mapping[str, str]
+             ) -> dict[str, list] | list:
+    """``frame`` restricted to ``columns`` (after ``rename``) as ``{column: values}``.
+
+    The columnar form of a :class:`~storage.records.StratumResult` child table: one list
+    per column (finite floats, NaN/inf as ``None``; plain ints, bools and strings), the
+    columns the frame lacks left out (stored as NULL). ``[]`` for an empty frame.
+    """
     if frame is None or len(frame) == 0:
         return []
     source: dict[str, int] = {}
     for i, name in enumerate(frame.columns):  # column-wise: one conversion per column
         source.setdefault(rename.get(name, name), i)
-    n = len(frame)
     get = _column_getter(frame)
-    order = [c for c in columns if c in source] + [c for c in columns if c not in source]
-    values = []
-    for c in order:
+    out: dict[str, list] = {}
+    for c in columns:
         if c not in source:
-            values.append([None] * n)
             continue
         col = get(source[c])
         dtype = col.dtype
@@ -131,12 +139,13 @@ def _records(frame: Any, columns: tuple[str, ...], rename: Mapping[str, str]) ->
             lst = vals.tolist()
             if not np.isfinite(vals).all():
                 lst = [v if math.isfinite(v) else None for v in lst]
-            values.append(lst)
+            out[c] = lst
         elif plain and dtype.kind in "iub":
-            values.append(np.asarray(col).tolist())
+            out[c] = np.asarray(col).tolist()
         else:
-            values.append([jsonable(v) for v in col.tolist()])
-    return [dict(zip(order, row)) for row in zip(*values)]
+            lst = col.tolist()
+            out[c] = lst if set(map(type, lst)) <= _PLAIN_TEXT else [jsonable(v) for v in lst]
+    return out
 
 
 def _record_dict(obj: Any) -> dict | None:
@@ -277,10 +286,10 @@ def to_stratum_result(
         return failed_result(key, type(obj).__name__, _exception_message(obj))
     try:
         fit = fit_columns(obj)
-        coefficients = _records(obj.fixed, _COEF_COLUMNS, {})
-        variance = _records(obj.varcorr, _VAR_COLUMNS, {"group": "grp"})
+        coefficients = _columns(obj.fixed, _COEF_COLUMNS, {})
+        variance = _columns(obj.varcorr, _VAR_COLUMNS, {"group": "grp"})
         ranef = (
-            _records(obj.ranef, _RANEF_COLUMNS, {"group": "grp"})
+            _columns(obj.ranef, _RANEF_COLUMNS, {"group": "grp"})
             if store_random_effects
             else []
         )

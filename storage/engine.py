@@ -114,6 +114,10 @@ def json_dumps(value: Any) -> str:
     TypeError
         If a value cannot be represented in JSON.
     """
+    try:  # plain JSON values (the common case): no Python-level walk
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):  # NaN/inf, NumPy values, dates, sets, odd keys
+        pass
     return json.dumps(_json_safe(value), allow_nan=False, separators=(",", ":"))
 
 

@@ -5,10 +5,11 @@ storage layer writes (idempotently, one transaction per stratum) and reads back.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["StratumResult", "JobRecord", "StratumPlan"]
+__all__ = ["StratumResult", "JobRecord", "StratumPlan", "table_rows"]
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,22 @@ class StratumResult:
         hessian_pd (``storage.rows.FIT_COLUMNS``). Missing keys are stored as NULL,
         unknown keys are rejected; NaN/inf floats are stored as NULL. Required for
         ``succeeded``/``not_converged``; must be None (and the lists empty) for ``failed``.
-    coefficients : list of dict
+    coefficients : list of dict, or dict of columns
         term, estimate, std_error, statistic, p_value, conf_low, conf_high.
-    variance : list of dict
+    variance : list of dict, or dict of columns
         grp, term1, term2 (None for a variance), variance, sd, correlation.
-    ranef : list of dict
+    ranef : list of dict, or dict of columns
         grp, level, term, mode, cond_sd.
+
+    Notes
+    -----
+    A child table (``coefficients``, ``variance``, ``ranef``) is given either as rows
+    (a list of dicts, one per row, missing keys stored as NULL) or as columns (a dict
+    column → list or 1-d NumPy array, all of one length; a missing column is stored as
+    NULL). The columnar form is what :mod:`service.convert` produces: it pickles into a
+    few objects per column instead of one dict per row and is validated a column at a
+    time. Float columns may hold NaN/inf (stored as NULL) in either form.
+    :func:`table_rows` gives the rows of either form.
     """
 
     key: str
@@ -59,6 +70,28 @@ class StratumResult:
     ranef: list[dict[str, Any]] = field(default_factory=list)
     error_class: str | None = None
     error_message: str | None = None
+
+
+def table_rows(table: Any) -> list[dict[str, Any]]:
+    """The rows of a :class:`StratumResult` child table, whichever form it was given in.
+
+    Parameters
+    ----------
+    table : list of dict, or dict of columns
+        ``result.coefficients``, ``result.variance`` or ``result.ranef``.
+
+    Returns
+    -------
+    list of dict
+        One dict per row (the given dicts themselves for the row form; for the
+        columnar form, column → value with NumPy values as Python scalars).
+    """
+    if not isinstance(table, Mapping):
+        return list(table)
+    names = [c for c, v in table.items() if v is not None]
+    columns = [v.tolist() if hasattr(v, "tolist") else list(v) for v in
+               (table[c] for c in names)]
+    return [dict(zip(names, row)) for row in zip(*columns)]
 
 
 @dataclass(frozen=True)

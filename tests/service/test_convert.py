@@ -19,6 +19,7 @@ from service.convert import (
     jsonable,
     to_stratum_result,
 )
+from storage.records import table_rows
 from storage.rows import (
     COEFFICIENT_COLUMNS,
     FIT_COLUMNS,
@@ -62,14 +63,21 @@ def test_converged_fit(glmm):
     assert r.fit["hessian_pd"] == glmm.diagnostics.hessian_pd
     assert r.fit["family"] == "binomial" and r.fit["link"] == "logit"
     _strict_json(r.fit)
-    assert [c["term"] for c in r.coefficients] == list(glmm.fixed["term"])
-    assert [c["estimate"] for c in r.coefficients] == list(glmm.fixed["estimate"])
-    assert all(set(c) == set(COEFFICIENT_COLUMNS) for c in r.coefficients)
-    assert [v["grp"] for v in r.variance] == list(glmm.varcorr["group"])
-    assert all(set(v) == set(VARIANCE_COLUMNS) for v in r.variance)
-    assert len(r.ranef) == 15 and all(set(v) == set(RANEF_COLUMNS) for v in r.ranef)
-    assert all(type(c["estimate"]) is float for c in r.coefficients)
-    prepare_results([r])  # the storage contract accepts it
+    # child tables in the columnar form: one plain list per column
+    assert set(r.coefficients) == set(COEFFICIENT_COLUMNS)
+    assert all(type(v) is list for t in (r.coefficients, r.variance, r.ranef) for v in t.values())
+    assert r.coefficients["term"] == list(glmm.fixed["term"])
+    assert r.coefficients["estimate"] == list(glmm.fixed["estimate"])
+    assert all(type(v) is float for v in r.coefficients["estimate"])
+    assert r.variance["grp"] == list(glmm.varcorr["group"])
+    assert set(r.variance) <= set(VARIANCE_COLUMNS)
+    ranef = table_rows(r.ranef)
+    assert len(ranef) == 15 and all(set(v) == set(RANEF_COLUMNS) for v in ranef)
+    assert [v["mode"] for v in ranef] == list(glmm.ranef["mode"])
+    _strict_json([r.coefficients, r.variance, r.ranef])
+    (p,) = prepare_results([r])  # the storage contract accepts it
+    assert [row[0] for row in p.coefficients] == list(glmm.fixed["term"])
+    assert len(p.ranef) == 15 and len(p.variance) == len(glmm.varcorr)
 
 
 def test_random_effects_can_be_left_out(glmm):
@@ -81,9 +89,9 @@ def test_gaussian_residual_row_and_term2_none(sleepstudy):
     fit = fitting.fit("Reaction ~ Days + (Days | Subject)", sleepstudy)
     r = to_stratum_result("", fit, store_random_effects=True)
     assert r.status == SUCCEEDED
-    grps = [v["grp"] for v in r.variance]
+    grps = r.variance["grp"]
     assert "Residual" in grps and "Subject" in grps
-    cov = [v for v in r.variance if v["term2"] is not None]
+    cov = [v for v in table_rows(r.variance) if v["term2"] is not None]
     assert len(cov) == 1 and cov[0]["correlation"] is not None
     assert r.fit["sigma"] == pytest.approx(fit.sigma)
     prepare_results([r])
@@ -105,10 +113,12 @@ def test_nan_becomes_none(glmm):
     fixed.loc[1, "p_value"] = np.inf
     broken = dataclasses.replace(glmm, fixed=fixed, aic=float("nan"))
     r = to_stratum_result("k", broken, store_random_effects=False)
-    assert r.coefficients[0]["std_error"] is None
-    assert r.coefficients[1]["p_value"] is None
+    assert r.coefficients["std_error"][0] is None
+    assert r.coefficients["p_value"][1] is None
     assert r.fit["aic"] is None
     _strict_json(r.coefficients)
+    (p,) = prepare_results([r])
+    assert p.coefficients[0][2] is None and p.coefficients[1][4] is None
 
 
 def test_jsonable():

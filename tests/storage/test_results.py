@@ -176,6 +176,36 @@ def test_nan_and_inf_are_stored_as_null(store, running):
     assert fits.loc[0, "attempt"] == running.attempt
 
 
+def _columnar(r: StratumResult, key: str) -> StratumResult:
+    """``r`` for stratum ``key`` with its child tables as columns (floats as arrays)."""
+
+    def cols(rows, names, floats):
+        return {c: (np.array([np.nan if x[c] is None else x[c] for x in rows]) if c in floats
+                    else [x[c] for x in rows]) for c in names}
+
+    return StratumResult(
+        key, r.status, fit=r.fit,
+        coefficients=cols(r.coefficients, r.coefficients[0], {"estimate", "std_error"}),
+        variance=cols(r.variance, r.variance[0], {"variance", "sd", "correlation"}),
+        ranef=cols(r.ranef, r.ranef[0], {"mode", "cond_sd"}),
+    )
+
+
+def test_columnar_results_store_the_same_rows(store, running):
+    store.record_results(running.id, running.attempt,
+                         [_result(KEYS[0]), _columnar(_result(KEYS[1]), KEYS[1])])
+    for table in ("fits", "coefficients", "variance", "ranef"):
+        frame = store.read_table(running.id, table).drop(columns=["created_at"],
+                                                         errors="ignore")
+        by_key = {k: g.drop(columns="stratum").reset_index(drop=True)
+                  for k, g in frame.groupby("stratum")}
+        assert set(by_key) == {KEYS[0], KEYS[1]}, table
+        pd.testing.assert_frame_equal(by_key[KEYS[0]], by_key[KEYS[1]])
+    var = store.read_table(running.id, "variance")
+    assert var["correlation"].isna().sum() == 6  # None and NaN both stored as NULL
+    assert _count(store, RandomEffect) == 12
+
+
 def test_read_table_shapes_and_order(store, running):
     results = [_result(KEYS[4]), _result(KEYS[0]),
                _result(KEYS[2], status="not_converged"),
