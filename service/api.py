@@ -162,11 +162,12 @@ def _announce(client: Any, echo: Echo | None, local: bool) -> None:
 
 
 def _run_claimed(job: JobRecord, st: Any, client: Any, owner: str, progress: Any,
-                 runner_options: Mapping[str, Any], validated_spec: Any = None) -> JobRecord:
+                 runner_options: Mapping[str, Any], validated_spec: Any = None,
+                 dataset: Any = None) -> JobRecord:
     sink, close = _progress_sink(progress)
     try:
         runner = Runner(st, client, owner, progress=sink, **dict(runner_options))
-        return runner.run_job(job, validated_spec=validated_spec)
+        return runner.run_job(job, validated_spec=validated_spec, dataset=dataset)
     finally:
         close()
 
@@ -270,7 +271,7 @@ def run(
     # only when it submits the first task. Whatever fails, close() stops the cluster.
     starter = _ClusterStarter(scheduler, n_workers, echo) if client is None else None
     try:
-        validate_spec(js)
+        report = validate_spec(js)  # its dataset handle keeps the footers' row counts
         st = open_store(store)
         job = st.submit_job(name=js.name, spec=js.to_dict(), spec_hash=js.spec_hash,
                             idempotency_key=idempotency_key)[0]
@@ -279,9 +280,11 @@ def run(
         if claimed is None:  # finished already, or another live consumer holds it
             return st.get_job(job.id)
         if starter is None:
-            return _run_claimed(claimed, st, client, owner, progress, runner_options, js)
+            return _run_claimed(claimed, st, client, owner, progress, runner_options, js,
+                                report.dataset)
         try:
-            return _run_claimed(claimed, st, starter.future, owner, progress, runner_options, js)
+            return _run_claimed(claimed, st, starter.future, owner, progress, runner_options,
+                                js, report.dataset)
         except ClusterUnavailable as exc:
             st.requeue_job(claimed.id, claimed.attempt, f"cluster unavailable: {exc}")
             raise

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +34,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from service.footers import FOOTER_THREADS, LOCAL_FOOTER_THREADS, FooterSummary, RowGroupStats
+from service.footers import check_file, file_row_group_stats, threaded
+from service.footers import read_footer as _footer
 
 __all__ = [
     "DatasetError",
@@ -55,8 +57,6 @@ PARQUET_SUFFIXES: tuple[str, ...] = (".parquet", ".parq", ".pq")
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _HIVE_DIR = re.compile(r"^[^=/]+=[^/]*$")
-_FOOTER_THREADS = 16  # remote filesystems: footer reads are latency-bound
-_LOCAL_FOOTER_THREADS = 4  # local disks: more threads only add per-thread malloc arenas
 
 
 class DatasetError(ValueError):
@@ -108,26 +108,6 @@ class SliceDescriptor:
     partitioning: str | None = None
     partition_columns: tuple[str, ...] = ()
     schema: bytes | None = None
-
-
-@dataclass(frozen=True)
-class RowGroupStats:
-    """Footer statistics of one row group for a few columns.
-
-    Attributes
-    ----------
-    file : str
-    row_group : int
-    num_rows : int
-    ranges : dict
-        Column → ``(min, max, null_count)``; ``min``/``max`` are ``None`` when the
-        footer has no statistics, ``null_count`` is ``None`` when unknown.
-    """
-
-    file: str
-    row_group: int
-    num_rows: int
-    ranges: dict[str, tuple[Any, Any, int | None]]
 
 
 # ------------------------------------------------------------------ discovery
@@ -250,36 +230,6 @@ def _looks_hive(root_path: str, files: Sequence[str]) -> bool:
     return True
 
 
-def _footer(fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
-    """Read one file's footer; :class:`DatasetError` naming the file on failure."""
-    try:
-        with fs.open_input_file(path) as fh:
-            return pq.read_metadata(fh)
-    except (OSError, pa.ArrowException, ValueError) as exc:
-        raise DatasetError(f"unreadable Parquet file {path}: {exc}") from None
-
-
-def _threaded(fn, items: Sequence[Any], threads: int = _FOOTER_THREADS) -> Iterator[Any]:
-    """``map(fn, items)`` on a few threads, in order, with a bounded window.
-
-    At most ``2 * threads`` results are pending at any time (``Executor.map`` would
-    submit every item at once and hold every finished footer until it is consumed), so
-    client memory stays flat however many files the dataset has.
-    """
-    if len(items) <= 1 or threads <= 1:
-        yield from map(fn, items)
-        return
-    threads = min(threads, len(items))
-    window: deque = deque()
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for item in items:
-            window.append(pool.submit(fn, item))
-            if len(window) >= 2 * threads:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-
-
 # ------------------------------------------------------------------ handle
 
 
@@ -300,6 +250,11 @@ class DatasetHandle:
         ``"hive"`` or ``None``.
     dataset : pyarrow.dataset.FileSystemDataset
     filesystem : pyarrow.fs.FileSystem
+    footers : service.footers.FooterSummary or None
+        What :meth:`validate` kept of the footers (row counts, and row-group statistics
+        of the columns it was asked for); :meth:`file_row_counts` and
+        :meth:`row_group_stats` answer from it instead of reading the footers again.
+        ``None`` before :meth:`validate`.
     """
 
     def __init__(self, path: str, fs: pafs.FileSystem, root: str, root_path: str,
@@ -312,6 +267,7 @@ class DatasetHandle:
         self.files = tuple(files)
         self.partitioning = partitioning
         self.dataset = dataset
+        self.footers: FooterSummary | None = None
 
     def __repr__(self) -> str:
         return (f"DatasetHandle({self.path!r}, files={len(self.files)}, "
@@ -320,7 +276,11 @@ class DatasetHandle:
     @property
     def _footer_threads(self) -> int:
         local = isinstance(self.filesystem, pafs.LocalFileSystem)
-        return _LOCAL_FOOTER_THREADS if local else _FOOTER_THREADS
+        return LOCAL_FOOTER_THREADS if local else FOOTER_THREADS
+
+    def _footers_of(self, files: Sequence[str]) -> Iterator[tuple[str, pq.FileMetaData]]:
+        return threaded(lambda p: (p, _footer(self.filesystem, p)), list(files),
+                        self._footer_threads)
 
     def file_row_counts(self, files: Sequence[str] | None = None) -> Iterator[tuple[str, int]]:
         """``(file, rows)`` from each file's footer (metadata only, bounded memory).
@@ -333,16 +293,19 @@ class DatasetHandle:
         Yields
         ------
         tuple of (str, int)
-            In file order.
+            In file order; from :attr:`footers` when :meth:`validate` has seen them.
 
         Raises
         ------
         DatasetError
             An unreadable file (named).
         """
-        for path, md in _threaded(lambda p: (p, _footer(self.filesystem, p)),
-                                  list(self.files if files is None else files),
-                                  self._footer_threads):
+        files = list(self.files if files is None else files)
+        kept = self.footers.row_counts(files) if self.footers is not None else None
+        if kept is not None:
+            yield from kept
+            return
+        for path, md in self._footers_of(files):
             yield path, int(md.num_rows)
 
     @property
@@ -374,13 +337,20 @@ class DatasetHandle:
             out.append((frag.path, {c: keys.get(c) for c in cols}))
         return out
 
-    def validate(self, columns: Iterable[str] | None = None) -> int:
+    def validate(self, columns: Iterable[str] | None = None, *,
+                 stats_columns: Iterable[str] = ()) -> int:
         """Read every file's footer (metadata only) and check it against the schema.
+
+        What planning needs from the footers is kept in :attr:`footers`, so that the
+        job's planning does not read them again.
 
         Parameters
         ----------
         columns : iterable of str, optional
             Columns (other than partition columns) every file must contain.
+        stats_columns : iterable of str, optional
+            Columns whose row-group statistics to keep for :meth:`row_group_stats`
+            (partition columns are ignored).
 
         Returns
         -------
@@ -394,9 +364,13 @@ class DatasetHandle:
             file lacking a required column, or a column type that cannot be cast to the
             dataset schema's.
         """
-        needed = [c for c in (columns or ()) if c not in self.partition_columns]
+        part = self.partition_columns
+        needed = [c for c in (columns or ()) if c not in part]
+        stats_cols = tuple(dict.fromkeys(c for c in stats_columns if c not in part))
         schema = self.schema
-        total = 0
+        rows: dict[str, int] = {}
+        stats: list[RowGroupStats] = []
+        passed: list = []
 
         def check(path: str) -> tuple[str, Any]:
             try:
@@ -404,28 +378,15 @@ class DatasetHandle:
             except DatasetError as exc:
                 return path, exc
 
-        for path, md in _threaded(check, list(self.files), self._footer_threads):
+        for path, md in threaded(check, list(self.files), self._footer_threads):
             if isinstance(md, DatasetError):
                 raise md
-            total += md.num_rows
-            try:
-                file_schema = md.schema.to_arrow_schema()
-            except (pa.ArrowException, ValueError) as exc:
-                raise DatasetError(f"unreadable schema in Parquet file {path}: {exc}") from None
-            for c in needed:
-                if c not in file_schema.names:
-                    raise DatasetError(f"Parquet file {path} has no column {c!r}")
-            for f in file_schema:
-                if f.name in schema.names and not f.type.equals(schema.field(f.name).type):
-                    target = schema.field(f.name).type
-                    try:
-                        pa.array([], type=f.type).cast(target)
-                    except (pa.ArrowException, ValueError):
-                        raise DatasetError(
-                            f"Parquet file {path}: column {f.name!r} has type {f.type}, "
-                            f"incompatible with {target} in the dataset schema"
-                        ) from None
-        return total
+            rows[path] = int(md.num_rows)
+            check_file(md, path, schema, needed, passed)
+            if stats_cols:
+                stats.extend(file_row_group_stats(md, path, stats_cols))
+        self.footers = FooterSummary(rows, stats_cols, tuple(stats))
+        return sum(rows.values())
 
     def row_group_stats(self, columns: Sequence[str],
                         files: Sequence[str] | None = None) -> Iterator[RowGroupStats]:
@@ -441,34 +402,16 @@ class DatasetHandle:
         Yields
         ------
         RowGroupStats
-            In file order, then row-group order.
+            In file order, then row-group order; from :attr:`footers` when
+            :meth:`validate` kept these columns' statistics.
         """
         wanted = [c for c in columns if c not in self.partition_columns]
-        for path, md in _threaded(lambda p: (p, _footer(self.filesystem, p)),
-                                  list(self.files if files is None else files),
-                                  self._footer_threads):
-            if md.num_row_groups == 0:
-                continue
-            first = md.row_group(0)
-            index = {first.column(j).path_in_schema: j for j in range(first.num_columns)}
-            for i in range(md.num_row_groups):
-                rg = md.row_group(i)
-                ranges: dict[str, tuple[Any, Any, int | None]] = {}
-                for c in wanted:
-                    j = index.get(c)
-                    st = rg.column(j).statistics if j is not None else None
-                    if st is None:
-                        ranges[c] = (None, None, None)
-                        continue
-                    nulls = st.null_count if st.has_null_count else None
-                    if st.has_min_max:
-                        try:
-                            ranges[c] = (st.min, st.max, nulls)
-                        except (pa.ArrowException, ValueError, UnicodeDecodeError):
-                            ranges[c] = (None, None, nulls)
-                    else:
-                        ranges[c] = (None, None, nulls)
-                yield RowGroupStats(path, i, rg.num_rows, ranges)
+        kept = self.footers.row_group_stats(wanted, files) if self.footers is not None else None
+        if kept is not None:
+            yield from kept
+            return
+        for path, md in self._footers_of(self.files if files is None else files):
+            yield from file_row_group_stats(md, path, wanted)
 
     def descriptor(self, *, columns: Sequence[str], filters: Sequence = (),
                    strata_columns: Sequence[str] = (), strata_values: Sequence[tuple] = (),

@@ -245,19 +245,24 @@ class Runner:
         return self.store.get_job(job.id)
 
     # ------------------------------------------------------------------ planning
-    def _plan(self, job: JobRecord, validated: Any = None
+    def _plan(self, job: JobRecord, validated: Any = None, dataset: Any = None
               ) -> tuple[Any, Any, list[StratumPlan], list[Any], dict]:
-        """Spec → (spec, handle, all strata, tasks for pending strata, progress counts)."""
+        """Spec → (spec, handle, all strata, tasks for pending strata, progress counts).
+
+        The dataset handle the spec's validation opened (with the footers' row counts
+        and statistics it kept) is planned on directly; without one (a job claimed
+        from the queue) the spec is validated here and its handle used.
+        """
         from service.dataset import open_dataset
         from service.planner import plan_strata, plan_tasks
         from service.spec import load_spec, validate_spec
 
         if validated is not None and getattr(validated, "spec_hash", None) == job.spec_hash:
             spec = validated  # validated against the dataset just now by the caller
+            handle = dataset if dataset is not None else open_dataset(spec.dataset)
         else:
             spec = load_spec(job.spec)
-            validate_spec(spec)
-        handle = open_dataset(spec.dataset)
+            handle = validate_spec(spec).dataset
         plans = list(plan_strata(handle, spec))
         self._db("register_strata", self.store.register_strata, job.id, job.attempt, plans)
         pending = list(self._db("pending_strata", self.store.pending_strata, job.id))
@@ -266,7 +271,8 @@ class Runner:
         return spec, handle, plans, tasks, dict(counts or {})
 
     # ------------------------------------------------------------------- running
-    def run_job(self, job: JobRecord, *, validated_spec: Any = None) -> JobRecord:
+    def run_job(self, job: JobRecord, *, validated_spec: Any = None,
+                dataset: Any = None) -> JobRecord:
         """Run one claimed attempt of ``job`` to its end.
 
         Parameters
@@ -276,6 +282,9 @@ class Runner:
         validated_spec : JobSpec, optional
             The job's spec, validated by the caller moments ago (``api.run``): not
             validated again when its ``spec_hash`` matches the job's.
+        dataset : DatasetHandle, optional
+            With ``validated_spec``: the handle its validation opened
+            (``SpecReport.dataset``), planned on without reading the footers again.
 
         Returns
         -------
@@ -305,7 +314,7 @@ class Runner:
         try:
             try:
                 self._check_interrupt()
-                spec, _handle, plans, tasks, counts = self._plan(job, validated_spec)
+                spec, _handle, plans, tasks, counts = self._plan(job, validated_spec, dataset)
                 self._check_interrupt()
             except _LeaseLost:
                 return self.store.get_job(job.id)

@@ -240,12 +240,18 @@ class SpecReport:
     used_columns : tuple of str
         Columns a worker must read to fit a stratum (formula variables, weights,
         offset, strata columns), in schema order.
+    dataset : service.dataset.DatasetHandle or None
+        The dataset as opened for the validation, with what its footers told
+        (:attr:`~service.dataset.DatasetHandle.footers`: row counts, row-group
+        statistics of the strata columns); planning the job right after can use it
+        instead of opening the dataset and reading every footer again.
     """
 
     schema: pa.Schema
     n_files: int
     strata_columns: tuple[str, ...]
     used_columns: tuple[str, ...]
+    dataset: Any = field(default=None, compare=False, repr=False)
 
 
 # --------------------------------------------------------------------------- load
@@ -671,7 +677,9 @@ def validate_spec(spec: JobSpec, *, check_files: bool = True) -> SpecReport:
     used = used_columns(spec, schema)
     if check_files:
         try:
-            handle.validate(columns=used)
+            part = set(handle.partition_columns)
+            handle.validate(columns=used,
+                            stats_columns=[c for c in spec.strata if c not in part])
         except DatasetError as exc:
             raise SpecError("dataset", str(exc)) from None
     return SpecReport(
@@ -679,6 +687,7 @@ def validate_spec(spec: JobSpec, *, check_files: bool = True) -> SpecReport:
         n_files=len(handle.files),
         strata_columns=spec.strata,
         used_columns=used,
+        dataset=handle,
     )
 
 

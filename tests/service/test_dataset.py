@@ -133,6 +133,39 @@ def test_validate_names_file_missing_column(folder):
         h.validate(columns=["g"])
 
 
+def test_validate_keeps_what_planning_reads_from_footers(folder):
+    h = open_dataset(folder)
+    a, b = str(folder / "a.parquet"), str(folder / "sub" / "b.parquet")
+    fresh = list(open_dataset(folder).row_group_stats(["id", "g"]))
+    assert [(s.file, s.row_group, s.num_rows) for s in fresh] == [
+        (a, 0, 5), (a, 1, 5), (a, 2, 2), (b, 0, 5), (b, 1, 5), (b, 2, 2)]
+    assert fresh[3].ranges["id"] == (12, 16, 0) and fresh[0].ranges["g"] == ("g0", "g2", 0)
+    assert h.validate(columns=["id"], stats_columns=["id", "g"]) == 24
+    assert h.footers.rows == {a: 12, b: 12}
+    # the footers are not read again: a file broken since validation goes unnoticed here
+    (folder / "a.parquet").write_bytes(b"garbage bytes, not a parquet footer" * 10)
+    assert list(h.file_row_counts()) == [(a, 12), (b, 12)]
+    assert list(h.file_row_counts([b])) == [(b, 12)]
+    assert list(h.row_group_stats(["id", "g"])) == fresh
+    assert list(h.row_group_stats(["g"], files=[b])) == fresh[3:]
+    # statistics not kept, or a file not seen: read (and fail naming the file)
+    with pytest.raises(DatasetError, match=r"unreadable Parquet file .*a\.parquet"):
+        list(h.row_group_stats(["x"]))
+    with pytest.raises(DatasetError, match=r"unreadable Parquet file .*a\.parquet"):
+        list(open_dataset(str(folder / "sub" / "b.parquet")).file_row_counts([a]))
+
+
+def test_validate_checks_each_distinct_schema(folder):
+    table = make_table(12, 24)
+    pq.write_table(table.set_column(1, "x", pa.array([[0.5]] * 12)), folder / "c.parquet")
+    pq.write_table(make_table(3, 40), folder / "d.parquet")  # same schema as a.parquet
+    h = open_dataset(folder)
+    with pytest.raises(DatasetError, match=r"c\.parquet: column 'x' has type list<"):
+        h.validate()
+    (folder / "c.parquet").unlink()
+    assert open_dataset(folder).validate(columns=["id", "x"]) == 27
+
+
 def descriptor(h, **kw):
     kw.setdefault("columns", tuple(h.schema.names))
     return h.descriptor(**kw)

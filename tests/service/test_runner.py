@@ -314,3 +314,32 @@ def test_stratum_with_no_usable_rows_fails_alone(tmp_path):
     others = [r for k, r in results.items() if k != f"region={victim}"]
     assert others and all(r.status in ("succeeded", "not_converged") for r in others)
     assert all(r.ranef for r in others)
+
+
+# ----------------------------------------------------------------- planning
+
+
+def test_plan_uses_the_validated_dataset_without_rereading_footers(tmp_path):
+    import re
+
+    from service.spec import SpecError, load_spec, validate_spec
+
+    job = write_job(tmp_path, n_strata=4, broken=0)
+    store = open_store(f"sqlite:///{tmp_path / 'p.db'}")
+    rec = submit(job["spec"], store=store)
+    claimed = store.claim_job("planner-test", job_id=rec.id)
+    spec = load_spec(job["spec"])
+    report = validate_spec(spec)
+    assert report.dataset.footers is not None and len(report.dataset.footers.rows) == 4
+    # a file broken after the validation: planning on the kept footers does not read it
+    victim = next((job["data"] / f"region={job['regions'][0]}").glob("*.parquet"))
+    victim.write_bytes(b"garbage bytes, not a parquet footer" * 10)
+    runner = Runner(store, None, "planner-test")
+    _, handle, plans, tasks, _ = runner._plan(claimed, spec, report.dataset)
+    assert handle is report.dataset
+    assert [p.key for p in plans] == [f"region={r}" for r in sorted(job["regions"])]
+    assert sorted(s.key for t in tasks for s in t.strata) == [p.key for p in plans]
+    # a job from the queue (no validated spec): validated again, the broken file named
+    with pytest.raises(SpecError, match=re.escape(str(victim))):
+        runner._plan(claimed)
+    store.dispose()
