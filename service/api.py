@@ -13,7 +13,6 @@ migrated on first use; a PostgreSQL store must be migrated once with
 """
 from __future__ import annotations
 
-import concurrent.futures as _cf
 import logging
 import os
 import socket
@@ -23,7 +22,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from service.cluster import ClusterUnavailable, bokeh_available, connect, dashboard_link
+from service.cluster import ClusterStarter, ClusterUnavailable, announce, connect
 from service.progress import ProgressPrinter
 from service.runner import Runner
 from service.spec import JobSpec, load_spec, validate_spec
@@ -152,15 +151,6 @@ def _progress_sink(progress: Any) -> tuple[Callable | None, Callable[[], None]]:
     return None, lambda: None
 
 
-def _announce(client: Any, echo: Echo | None, local: bool) -> None:
-    if echo is None:
-        return
-    link = dashboard_link(client)
-    if link:
-        note = "" if bokeh_available() or not local else " (install bokeh for the status pages)"
-        echo(f"Dask dashboard: {link}{note}")
-
-
 def _run_claimed(job: JobRecord, st: Any, client: Any, owner: str, progress: Any,
                  runner_options: Mapping[str, Any], validated_spec: Any = None,
                  dataset: Any = None) -> JobRecord:
@@ -170,46 +160,6 @@ def _run_claimed(job: JobRecord, st: Any, client: Any, owner: str, progress: Any
         return runner.run_job(job, validated_spec=validated_spec, dataset=dataset)
     finally:
         close()
-
-
-class _ClusterStarter:
-    """Connects (starts a LocalCluster) in a background thread.
-
-    ``future`` resolves to the client, or raises what :func:`connect` raised
-    (``ClusterUnavailable``). :meth:`close` waits for the start to end and then closes
-    whatever was started, whether or not anyone used it.
-    """
-
-    def __init__(self, scheduler: str | None, n_workers: int | None, echo: Echo | None):
-        self.scheduler, self.n_workers, self.echo = scheduler, n_workers, echo
-        self.future: _cf.Future = _cf.Future()
-        self._cm: Any = None
-        self._thread = threading.Thread(target=self._start, name="stratafit-connect",
-                                        daemon=True)
-        self._thread.start()
-
-    def _start(self) -> None:
-        if not self.future.set_running_or_notify_cancel():
-            return
-        try:
-            cm = connect(self.scheduler, self.n_workers)
-            client = cm.__enter__()
-        except BaseException as exc:
-            self.future.set_exception(exc)
-            return
-        self._cm = cm
-        self.future.set_result(client)
-        try:
-            local = not (self.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"))
-            _announce(client, self.echo, local)
-        except Exception as exc:  # informational only
-            _log.debug("announcing the dashboard failed: %s", exc)
-
-    def close(self) -> None:
-        self._thread.join()
-        if self._cm is not None:
-            cm, self._cm = self._cm, None
-            cm.__exit__(None, None, None)
 
 
 def run(
@@ -223,6 +173,7 @@ def run(
     client: Any = None,
     echo: Echo | None = _stderr,
     interrupt: threading.Event | None = None,
+    starter: ClusterStarter | None = None,
     **runner_options: Any,
 ) -> JobRecord:
     """Submit a job, claim it and run it now on a Dask cluster.
@@ -247,6 +198,10 @@ def run(
         Receives human-readable messages (dashboard address); ``None`` silences them.
     interrupt : threading.Event, optional
         Set it to stop: the job is requeued and ``KeyboardInterrupt`` raised.
+    starter : service.cluster.ClusterStarter, optional
+        A cluster start already under way (the CLI starts one before importing the rest
+        of the service, so that the workers boot while it does); ``run`` uses it instead
+        of starting one and closes it at the end. Not with ``client``.
     **runner_options
         Passed to :class:`~service.runner.Runner` (``lease_seconds``, ``write_batch``...).
 
@@ -262,14 +217,22 @@ def run(
     service.cluster.ClusterUnavailable
         No cluster (the job is requeued).
     """
-    js = _spec(spec)  # parse errors surface before any cluster starts
+    try:
+        js = _spec(spec)  # parse errors surface before any cluster starts (here)
+        if starter is not None and client is not None:
+            raise ValueError("run() takes a client or a starter, not both")
+    except BaseException:
+        if starter is not None:
+            starter.close()
+        raise
     if interrupt is not None:
         runner_options["interrupt"] = interrupt
     lease = float(runner_options.get("lease_seconds", 60.0))
     # Start the cluster in the background while this thread validates the spec against
     # the dataset, queues, claims and plans the job; the runner waits for the client
     # only when it submits the first task. Whatever fails, close() stops the cluster.
-    starter = _ClusterStarter(scheduler, n_workers, echo) if client is None else None
+    if starter is None and client is None:
+        starter = ClusterStarter(scheduler, n_workers, echo)
     try:
         report = validate_spec(js)  # its dataset handle keeps the footers' row counts
         st = open_store(store)
@@ -400,7 +363,7 @@ class _LazyClient:
             self._cm = connect(self.scheduler, self.n_workers)
             self._client = self._cm.__enter__()
             local = not (self.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"))
-            _announce(self._client, self.echo, local)
+            announce(self._client, self.echo, local)
         return self._client
 
     def __enter__(self) -> "_LazyClient":

@@ -320,17 +320,38 @@ def _jsonish_columns(frame: Any) -> Any:
 # ------------------------------------------------------------------ commands
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from service.api import run
+def _start_cluster(scheduler: str | None, n_workers: int | None):
+    """Start connecting before the rest of the service is imported (see ``run``'s ``starter``).
 
+    The workers boot (imports, fitter preload: ~1-2 s) while this process imports storage,
+    pandas and the runner and validates the spec.
+    """
+    from service.cluster import ClusterStarter
+
+    return ClusterStarter(scheduler, n_workers, echo=_stderr_echo)
+
+
+def _stderr_echo(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from service.spec import load_spec
+
+    spec = load_spec(args.spec)  # a malformed spec fails here, before any cluster starts
+    starter = _start_cluster(args.scheduler, args.workers)
+    try:
+        from service.api import run
+    except BaseException:
+        starter.close()
+        raise
     job = run(
-        args.spec,
+        spec,
         store=args.store,
-        scheduler=args.scheduler,
-        n_workers=args.workers,
         progress=not args.no_progress,
         idempotency_key=args.idempotency_key,
         interrupt=_interrupt_event(),
+        starter=starter,
         **_runner_options(args),
     )
     print(_summary(job))
@@ -467,23 +488,28 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from service.api import results, run
-    from service.demo import demo_layout, write_demo_dataset, write_demo_spec
-
     root = os.path.abspath(args.dir)
     os.makedirs(root, exist_ok=True)
     data = os.path.join(root, "data")
     spec_path = os.path.join(root, "spec.toml")
-    write_demo_dataset(data, n_strata=args.strata)
-    write_demo_spec(spec_path, data)
+    starter = _start_cluster(None, args.workers)  # the workers boot while the data is written
+    try:
+        import pandas as pd
+
+        from service.api import results, run
+        from service.demo import demo_layout, write_demo_dataset, write_demo_spec
+
+        write_demo_dataset(data, n_strata=args.strata)
+        write_demo_spec(spec_path, data)
+    except BaseException:
+        starter.close()
+        raise
     db_path = os.path.join(root, "stratafit.db")
     store = args.store or f"sqlite:///{db_path}"
     print(f"demo dataset: {data}\ndemo spec:    {spec_path}\nstore:        {store}",
           file=sys.stderr)
-    job = run(spec_path, store=store, n_workers=args.workers, progress=not args.no_progress,
-              interrupt=_interrupt_event())
+    job = run(spec_path, store=store, progress=not args.no_progress,
+              interrupt=_interrupt_event(), starter=starter)
     print(_summary(job))
     coefs = results(job.id, "coefficients", store=store)
     if len(coefs):

@@ -8,11 +8,13 @@ Dask's: every worker process gets ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` 
 """
 from __future__ import annotations
 
+import concurrent.futures as _cf
 import contextlib
 import importlib
 import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Iterator
 
 import dask
@@ -21,6 +23,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 __all__ = [
     "connect",
+    "ClusterStarter",
+    "announce",
     "dashboard_link",
     "bokeh_available",
     "BlasThreadsPlugin",
@@ -271,3 +275,65 @@ def connect(
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.close()
+
+
+def announce(client: distributed.Client, echo, local: bool) -> None:
+    """Tell ``echo`` (a callable taking a message, or None) the dashboard address."""
+    if echo is None:
+        return
+    link = dashboard_link(client)
+    if link:
+        note = "" if bokeh_available() or not local else " (install bokeh for the status pages)"
+        echo(f"Dask dashboard: {link}{note}")
+
+
+class ClusterStarter:
+    """Connects (starts a LocalCluster) in a background thread.
+
+    ``future`` resolves to the client, or raises what :func:`connect` raised
+    (``ClusterUnavailable``). :meth:`close` waits for the start to end and then closes
+    whatever was started, whether or not anyone used it. Needs only this module's
+    imports (dask, distributed), so a caller can start it before importing the rest of
+    the service: the workers' own start-up (imports, fitter preload) then overlaps the
+    caller's.
+
+    Parameters
+    ----------
+    scheduler : str or None
+        As for :func:`connect`.
+    n_workers : int or None
+        As for :func:`connect`.
+    echo : callable or None
+        Receives the dashboard address once connected.
+    """
+
+    def __init__(self, scheduler: str | None, n_workers: int | None, echo=None):
+        self.scheduler, self.n_workers, self.echo = scheduler, n_workers, echo
+        self.future: _cf.Future = _cf.Future()
+        self._cm = None
+        self._thread = threading.Thread(target=self._start, name="stratafit-connect", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            cm = connect(self.scheduler, self.n_workers)
+            client = cm.__enter__()
+        except BaseException as exc:
+            self.future.set_exception(exc)
+            return
+        self._cm = cm
+        self.future.set_result(client)
+        try:
+            local = not (self.scheduler or os.environ.get(SCHEDULER_ENV))
+            announce(client, self.echo, local)
+        except Exception as exc:  # informational only
+            _log.debug("announcing the dashboard failed: %s", exc)
+
+    def close(self) -> None:
+        """Wait for the start to end, then close what it started."""
+        self._thread.join()
+        if self._cm is not None:
+            cm, self._cm = self._cm, None
+            cm.__exit__(None, None, None)

@@ -267,3 +267,20 @@ def test_demo_exits_0_when_only_the_planted_stratum_fails(tmp_path, capsys):
     assert "succeeded_with_errors - 11 of 12 strata fitted (1 failed)" in out
     assert "failed stratum region=" in out and "only 1 level" in out
     assert "the demo plants 1 broken stratum" in out
+
+
+@pytest.mark.distributed
+def test_run_with_a_started_cluster(demo_job, local_cluster, url):
+    # the CLI starts connecting before it imports the rest of the service and hands the
+    # start to run(), which uses it and closes it at the end
+    from service.api import run
+    from service.cluster import ClusterStarter
+
+    starter = ClusterStarter(local_cluster.scheduler_address, None)
+    job = run(str(demo_job["spec"]), store=url, progress=False, echo=None, starter=starter)
+    assert job.status in ("succeeded", "succeeded_with_errors")
+    assert starter.future.done() and starter._cm is None  # connected, then closed by run
+    both = ClusterStarter(local_cluster.scheduler_address, None)
+    with pytest.raises(ValueError, match="client or a starter"):
+        run(str(demo_job["spec"]), store=url, client=object(), starter=both)
+    assert both._cm is None  # closed although run refused
