@@ -16,13 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import threading
 import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from service.cluster import ClusterStarter, ClusterUnavailable, announce, connect
+from service.cluster import ClusterStarter, ClusterUnavailable, announce, connect, stderr_echo
 from service.progress import ProgressPrinter
 from service.runner import Runner
 from service.spec import JobSpec, load_spec, validate_spec
@@ -53,8 +52,6 @@ _log = logging.getLogger(__name__)
 Echo = Callable[[str], None]
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def default_owner() -> str:
@@ -171,7 +168,7 @@ def run(
     progress: Any = True,
     idempotency_key: str | None = None,
     client: Any = None,
-    echo: Echo | None = _stderr,
+    echo: Echo | None = stderr_echo,
     interrupt: threading.Event | None = None,
     starter: ClusterStarter | None = None,
     **runner_options: Any,
@@ -286,7 +283,7 @@ def work(
     progress: Any = False,
     lease_seconds: float = 60.0,
     stop: threading.Event | None = None,
-    echo: Echo | None = _stderr,
+    echo: Echo | None = stderr_echo,
     **runner_options: Any,
 ) -> list[JobRecord]:
     """Consume the queue: claim a job, run it, repeat.

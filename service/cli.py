@@ -326,13 +326,9 @@ def _start_cluster(scheduler: str | None, n_workers: int | None):
     The workers boot (imports, fitter preload: ~1-2 s) while this process imports storage,
     pandas and the runner and validates the spec.
     """
-    from service.cluster import ClusterStarter
+    from service.cluster import ClusterStarter, stderr_echo
 
-    return ClusterStarter(scheduler, n_workers, echo=_stderr_echo)
-
-
-def _stderr_echo(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    return ClusterStarter(scheduler, n_workers, echo=stderr_echo)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

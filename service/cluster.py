@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -25,6 +26,7 @@ __all__ = [
     "connect",
     "ClusterStarter",
     "announce",
+    "stderr_echo",
     "dashboard_link",
     "bokeh_available",
     "BlasThreadsPlugin",
@@ -275,6 +277,11 @@ def connect(
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.close()
+
+
+def stderr_echo(message: str) -> None:
+    """The default ``echo`` of the service's messages: a line on stderr."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def announce(client: distributed.Client, echo, local: bool) -> None:
