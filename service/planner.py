@@ -50,6 +50,7 @@ __all__ = [
     "estimate_seconds",
     "DEFAULT_TARGET_ROWS",
     "MAX_STRATA_PER_TASK",
+    "MIN_TASKS",
     "ROWS_PER_SECOND",
     "OVERHEAD_ROWS",
     "NULL_TOKEN",
@@ -57,21 +58,30 @@ __all__ = [
 
 #: Rows fitted per second by one worker thread (rough, GLMM Laplace; cost model slope).
 #: Measured on the issue #5 strata (binomial, ~2,000 rows, one random intercept): 250-
-#: 400k rows/s inside ``fit_many`` and 200-250k with ``fit``, slice reading included.
+#: 400k rows/s inside ``fit_many`` and 200-250k with ``fit``, slice reading included, on
+#: the slower VM of 2026-11-24; 360-500k with ``fit_many`` on that of 2026-12-07.
 ROWS_PER_SECOND = 200_000
 #: Fixed cost of one stratum's fit, in row equivalents (model frame, optimiser start).
 OVERHEAD_ROWS = 400
-#: Default task size in row equivalents (``max_task_seconds = 0.5``). Every task costs
+#: Default task size in row equivalents (``max_task_seconds = 1``). Every task costs
 #: the coordinator (scheduler, client, result transfer) ~9-11 ms of CPU and the
 #: worker's event loop a few ms more, and ``fit_many`` fits a task's strata in blocks
 #: of up to 24,000 rows: measured on 2,000 strata of ~2,000 rows (one worker),
 #: 20,000-row tasks (8 strata) took 11.7 ms of worker CPU and 1.5 ms of scheduler CPU
 #: per stratum, 50,000-row tasks (21 strata) 10.1 and 0.8, 120,000-row tasks (50
-#: strata) 10.0 and 0.5. Larger tasks also mean a longer tail (the last task of a job)
-#: and more strata sharing the fate of a task whose worker dies.
-DEFAULT_TARGET_ROWS = 100_000
+#: strata) 10.0 and 0.5 (2026-11-24); on 2026-12-07 `stratafit run` of the same 2,000
+#: strata took 12.9-14.2 s of CPU (all processes, one worker) with 154,000-row tasks (64
+#: strata) against 14.7-16.9 s with 98,400-row ones (41 strata). Larger tasks also mean a
+#: longer tail (the last task of a job) and more strata sharing the fate of a task whose
+#: worker dies: see :data:`MIN_TASKS`.
+DEFAULT_TARGET_ROWS = 200_000
 #: Upper bound of strata per task, so results stream back while a job runs.
-MAX_STRATA_PER_TASK = 64
+MAX_STRATA_PER_TASK = 96
+#: With the default target, a job is cut into at least this many tasks when its strata
+#: allow it (the target shrinks to ``total cost / MIN_TASKS``), so the workers of a
+#: small job share its work evenly instead of one worker fitting the last big task
+#: alone (200 strata in 3 tasks on 2 workers: 117% of the even share for one of them).
+MIN_TASKS = 8
 #: How a null strata value appears in a key.
 NULL_TOKEN = "__null__"
 
@@ -299,14 +309,18 @@ def estimate_seconds(nrows: int | np.ndarray) -> float | np.ndarray:
     return (OVERHEAD_ROWS + np.asarray(nrows, dtype=float)) / ROWS_PER_SECOND
 
 
-def _target_rows(spec: JobSpec, target_rows_per_task: int | None) -> float:
+def _target_rows(spec: JobSpec, target_rows_per_task: int | None,
+                 strata: Sequence[StratumPlan]) -> float:
+    """Task size: the caller's, the spec's ``max_task_seconds``, else the default
+    shrunk so that the job has at least :data:`MIN_TASKS` tasks."""
     if target_rows_per_task is not None:
         if target_rows_per_task <= 0:
             raise ValueError(f"target_rows_per_task must be positive, got {target_rows_per_task}")
         return float(target_rows_per_task)
     if spec.max_task_seconds is not None:
         return spec.max_task_seconds * ROWS_PER_SECOND
-    return float(DEFAULT_TARGET_ROWS)
+    total = float(sum(OVERHEAD_ROWS + s.nrows for s in strata))
+    return min(float(DEFAULT_TARGET_ROWS), total / MIN_TASKS)
 
 
 def _pack(strata: Sequence[StratumPlan], target: float, max_strata: int) -> list[list[StratumPlan]]:
@@ -447,10 +461,11 @@ def plan_tasks(handle: DatasetHandle, spec: JobSpec, strata: Sequence[StratumPla
         From :func:`plan_strata` (possibly a subset, e.g. strata still to do).
     target_rows_per_task : int, optional
         Overrides ``spec.max_task_seconds`` (``seconds * ROWS_PER_SECOND`` rows);
-        default :data:`DEFAULT_TARGET_ROWS`.
+        default :data:`DEFAULT_TARGET_ROWS`, or less so that the strata make at least
+        :data:`MIN_TASKS` tasks.
     columns : sequence of str, optional
         Columns to read; default :func:`service.spec.used_columns` (parses the formula).
-    max_strata_per_task : int, default 64
+    max_strata_per_task : int, default :data:`MAX_STRATA_PER_TASK`
 
     Returns
     -------
@@ -463,7 +478,7 @@ def plan_tasks(handle: DatasetHandle, spec: JobSpec, strata: Sequence[StratumPla
     strata_cols = list(spec.strata)
     cols = tuple(used_columns(spec, schema) if columns is None else columns)
     cols = tuple(dict.fromkeys([*cols, *strata_cols]))
-    target = _target_rows(spec, target_rows_per_task)
+    target = _target_rows(spec, target_rows_per_task, strata)
     groups = _pack(strata, target, max(1, int(max_strata_per_task)))
 
     part_cols = [c for c in strata_cols if c in handle.partition_columns]
@@ -511,6 +526,7 @@ def plan_tasks(handle: DatasetHandle, spec: JobSpec, strata: Sequence[StratumPla
         descriptor = handle.descriptor(
             columns=cols, filters=spec.filters, strata_columns=strata_cols,
             strata_values=values, files=files, row_groups=row_groups,
+            files_hold_strata=by_partition is not None and not other_cols,
         )
         keys = [s.key for s in group]
         tasks.append(Task(task_id=_task_id(keys), strata=tuple(group), descriptor=descriptor,

@@ -14,6 +14,7 @@ from service.dataset import open_dataset, read_slice
 from service.planner import (
     DEFAULT_TARGET_ROWS,
     MAX_STRATA_PER_TASK,
+    MIN_TASKS,
     OVERHEAD_ROWS,
     ROWS_PER_SECOND,
     Task,
@@ -243,22 +244,40 @@ def test_packing_respects_target_and_keeps_every_stratum_once(hive):
 def test_packing_small_strata_capped(hive):
     root, _ = hive
     h = open_dataset(root)
+    cap = MAX_STRATA_PER_TASK
     tasks = plan_tasks(h, spec_for(root), fake_strata([1] * 200), target_rows_per_task=10**6,
                        columns=COLUMNS)
-    assert [len(t.strata) for t in tasks] == [64, 64, 64, 8]
+    assert [len(t.strata) for t in tasks] == [cap, cap, 200 - 2 * cap]
     # the per-stratum overhead bounds tiny strata first: 20000 // 401 = 49
     tasks = plan_tasks(h, spec_for(root), fake_strata([1] * 200), target_rows_per_task=20_000,
                        columns=COLUMNS)
     assert [len(t.strata) for t in tasks] == [49, 49, 49, 49, 4]
-    # the default target (100000 // 401 = 249) lets the strata cap bind
-    tasks = plan_tasks(h, spec_for(root), fake_strata([1] * 200), columns=COLUMNS)
-    assert [len(t.strata) for t in tasks] == [64, 64, 64, 8]
+    # the default target (200000 // 401 = 498) lets the strata cap bind on a big job
+    n = 20 * cap
+    tasks = plan_tasks(h, spec_for(root), fake_strata([1] * n), columns=COLUMNS)
+    assert [len(t.strata) for t in tasks] == [cap] * 20
+
+
+def test_default_target_leaves_min_tasks_to_share(hive):
+    root, _ = hive
+    h = open_dataset(root)
+    # 200 strata of 2,000 rows: the default target would make 3 tasks, MIN_TASKS makes 8
+    tasks = plan_tasks(h, spec_for(root), fake_strata([2000] * 200), columns=COLUMNS)
+    assert len(tasks) == MIN_TASKS
+    assert {len(t.strata) for t in tasks} == {200 // MIN_TASKS}
+    # fewer strata than MIN_TASKS: one stratum each
+    assert [len(t.strata) for t in plan_tasks(h, spec_for(root), fake_strata([50] * 3),
+                                              columns=COLUMNS)] == [1, 1, 1]
+    # an explicit max_task_seconds is obeyed as it is (one task here)
+    tasks = plan_tasks(h, spec_for(root, max_task_seconds=10.0), fake_strata([2000] * 20),
+                       columns=COLUMNS)
+    assert len(tasks) == 1
 
 
 def test_max_task_seconds_sets_target(hive):
     root, _ = hive
     h = open_dataset(root)
-    strata = fake_strata([2000] * 100)
+    strata = fake_strata([2000] * 1000)  # big enough for the default target to bind
     default = plan_tasks(h, spec_for(root), strata, columns=COLUMNS)
     per = int(DEFAULT_TARGET_ROWS // (OVERHEAD_ROWS + 2000))
     assert 1 < per < MAX_STRATA_PER_TASK  # the target, not the cap, decides
@@ -346,6 +365,35 @@ def test_hive_tasks_list_only_their_files(hive):
         regions = {s.values["region"] for s in t.strata}
         assert {f.split("region=")[1].split("/")[0] for f in t.descriptor.files} == regions
     check_slices(tasks, frame, ["region", "product"], COLUMNS)
+
+
+@pytest.mark.parametrize("strata,filters,query,flag", [
+    (["region"], (), None, True),
+    (["region", "year"], (), None, True),
+    (["region"], [["product", "==", "A"]], "product == 'A'", True),
+    (["region", "product"], (), None, False),  # product is a data column: predicate kept
+])
+def test_partition_strata_skip_the_strata_predicate(hive, strata, filters, query, flag):
+    root, frame = hive
+    h = open_dataset(root)
+    spec = spec_for(root, strata=strata, filters=list(filters))
+    tasks = plan_tasks(h, spec, plan_strata(h, spec), target_rows_per_task=150, columns=COLUMNS)
+    assert len(tasks) > 1
+    assert all(t.descriptor.files_hold_strata is flag for t in tasks)
+    check_slices(tasks, frame, strata, COLUMNS, query)
+
+
+def test_files_hold_strata_needs_partition_columns_and_chosen_files(hive):
+    root, _ = hive
+    h = open_dataset(root)
+    d = h.descriptor(columns=COLUMNS, strata_columns=("region",), strata_values=(("a",),),
+                     files_hold_strata=True)  # every file: the predicate is still needed
+    assert d.files_hold_strata is False
+    got = read_slice(d)
+    assert set(got["region"].astype(str)) == {"a"}
+    d = h.descriptor(columns=COLUMNS, strata_columns=("product",), strata_values=(("A",),),
+                     files=h.files[:2], files_hold_strata=True)
+    assert d.files_hold_strata is False
 
 
 def test_task_pickles_small(hive):
