@@ -55,3 +55,21 @@ def test_batched_falls_back_without_strata_columns(tmp_path):
     (task, *_) = plan_tasks(handle, spec, plan_strata(handle, spec))
     data = tasks_mod._read(task.descriptor)
     assert tasks_mod.fit_batched(data, task.strata, (), spec.fit_kwargs(), True) is None
+
+
+def test_worker_imports_leave_out_the_database_layer():
+    """What a Dask worker imports to run tasks (records, slices, the fitter) does not pull
+    in SQLAlchemy or Alembic: they only slow every worker's start."""
+    import subprocess
+    import sys
+
+    from tests.service.service_helpers import subprocess_env
+
+    code = ("import sys, service.tasks, service.dataset, service.convert, service.planner, "
+            "fitting, storage; from storage import StratumResult; "
+            "print(sorted(m for m in ('sqlalchemy', 'alembic', 'storage.store') if m in sys.modules)); "
+            "storage.Store; print('storage.store' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "True"  # storage.Store still works, importing the store on demand
