@@ -9,11 +9,8 @@ The public entry point is :func:`fit`; :func:`fit_design` starts from a ready
 import importlib
 
 from .errors import ConvergenceError, DataError, FamilyError, FittingError, FormulaError
-# ``predict`` is both a submodule and a function: bind the function eagerly, so importing
-# ``fitting.predict`` (the module) elsewhere can never shadow it.
-from .predict import predict
 
-# Everything else loads on first use (PEP 562), so ``import fitting.formula`` (what the
+# The public names load on first use (PEP 562), so ``import fitting.formula`` (what the
 # service's spec validation needs on the coordinator) does not pull in the numerics.
 _LAZY = {
     "fit": "api", "fit_design": "api", "fit_many": "batch",
@@ -21,7 +18,7 @@ _LAZY = {
     "odds_ratios": "compare", "get_family": "families", "icc": "marginal",
     "marginal_coefs": "marginal", "full_vcov": "profile", "profile_confint": "profile",
     "wald_confint": "profile", "Diagnostics": "result", "FitResult": "result",
-    "OptInfo": "result",
+    "OptInfo": "result", "predict": "prediction",
 }
 
 

@@ -7,7 +7,7 @@
     ``v_i = sum_t z_ti' Sigma_t z_ti``, is integrated in one dimension (the random
     part is univariate normal whatever the random-effects structure): exactly by closed
     forms (probit, log) or an adaptive-step trapezoidal rule (logit, cloglog), see
-    :func:`fitting.predict.marginal_mean`. Then ``g(mu^M) - o`` is regressed on ``X``
+    :func:`fitting.prediction.marginal_mean`. Then ``g(mu^M) - o`` is regressed on ``X``
     by least squares: ``beta^M = (X'X)^-1 X'(g(mu^M) - o)``. Where GLMMadaptive averages
     Monte Carlo draws of ``b``, this is deterministic. Standard errors by the delta
     method: the Jacobian of ``beta^M`` over ``(theta, beta)`` by central differences, and the covariance of
@@ -33,7 +33,7 @@ from scipy import special
 
 from .design import Design
 from .errors import FamilyError, FittingError
-from .predict import fit_family, marginal_mean, re_covariances, re_variance, resolve_design
+from .prediction import fit_family, marginal_mean, re_covariances, re_variance, resolve_design
 
 __all__ = ["marginal_coefs", "marginal_coef_values", "icc", "latent_residual_variance",
            "MARGINAL_COLUMNS"]
@@ -57,7 +57,7 @@ def marginal_coef_values(design: Design, link, theta, beta, *, sigma: float = 1.
         Scale of ``theta`` (1 for GLMMs).
     nagq : int, optional
         ``None``: exact marginal means; an integer: Gauss-Hermite nodes (see
-        :func:`fitting.predict.marginal_mean`).
+        :func:`fitting.prediction.marginal_mean`).
 
     Returns
     -------
@@ -98,7 +98,7 @@ def marginal_coefs(fit, *, design: Design | None = None, nagq: int | None = None
     nagq : int, optional
         ``None`` (default): marginal means integrated exactly (closed forms for probit
         and log links, an adaptive-step trapezoidal rule for logit/cloglog); an integer:
-        the ``nagq``-point Gauss-Hermite rule (see :func:`fitting.predict.marginal_mean`).
+        the ``nagq``-point Gauss-Hermite rule (see :func:`fitting.prediction.marginal_mean`).
     level : float
         Confidence level of ``conf_low``/``conf_high`` (Wald on the marginal scale).
     std_errors : bool

@@ -40,7 +40,7 @@ from .design import Design
 from .errors import FamilyError, FittingError
 from .families import Family
 from .optimize import bfgs
-from .predict import tril_colmajor, fit_family, resolve_design
+from .prediction import tril_colmajor, fit_family, resolve_design
 from .structure import lme4_order
 
 __all__ = [

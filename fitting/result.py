@@ -138,7 +138,7 @@ class FitResult:
         not in ``repr``.
 
     The methods :meth:`predict`, :meth:`confint`, :meth:`marginal_coefs`, :meth:`icc`,
-    :meth:`odds_ratios` and :meth:`exponentiate` delegate to :mod:`fitting.predict`,
+    :meth:`odds_ratios` and :meth:`exponentiate` delegate to :mod:`fitting.prediction`,
     :mod:`fitting.profile`, :mod:`fitting.marginal` and :mod:`fitting.compare`.
     """
 
@@ -266,14 +266,14 @@ class FitResult:
 
     # ------------------------------------------------------------ inference helpers
     def predict(self, newdata=None, **kw) -> np.ndarray:
-        """Predictions; see :func:`fitting.predict.predict` for the options.
+        """Predictions; see :func:`fitting.prediction.predict` for the options.
 
         Examples
         --------
         >>> fit.predict(re="marginal")          # doctest: +SKIP
         >>> fit.predict(new_df, re_quantile=0.8)  # doctest: +SKIP
         """
-        from .predict import predict
+        from .prediction import predict
 
         return predict(self, newdata, **kw)
 

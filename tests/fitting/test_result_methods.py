@@ -18,7 +18,7 @@ from fitting.compare import odds_ratios
 from fitting.errors import FittingError
 from fitting.frame import build_design
 from fitting.marginal import icc, marginal_coefs
-from fitting.predict import predict
+from fitting.prediction import predict
 from fitting.profile import _full_vcov_array, deviance_function, full_vcov, wald_confint
 
 from . import _designs as D

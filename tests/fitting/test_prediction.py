@@ -15,7 +15,7 @@ from scipy import integrate, special, stats
 import fitting
 from fitting.errors import FittingError
 from fitting.frame import build_design
-from fitting.predict import marginal_mean, predict, re_covariances
+from fitting.prediction import marginal_mean, predict, re_covariances
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
@@ -224,3 +224,17 @@ def test_glm_without_random_effects():
     eta = _hand_eta(df, fit, with_re=False)
     for re in ("conditional", "zero", "marginal"):
         np.testing.assert_allclose(predict(fit, design=design, re=re), special.expit(eta), rtol=1e-12)
+
+
+def test_package_predict_is_the_function_and_formula_import_stays_light():
+    """``fitting.predict`` is the function whatever was imported first, and parsing a
+    formula (what the service's coordinator does) loads no numerics."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fitting.formula; light = 'scipy' not in sys.modules; "
+            "import fitting.prediction, fitting.result, fitting; "
+            "print(light, callable(fitting.predict) and fitting.predict.__name__ == 'predict')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["True", "True"]
