@@ -90,9 +90,14 @@ def time_fit_many(df, reps: int, strata: list[str]) -> peers.PeerResult:
         wall, cpu, out = time_calls(lambda: fm(FORMULA, df, by=[BY], family="binomial"), reps, warmup=0)
     except Exception as e:
         return peers.unavailable("fit_many", f"fit_many raised {type(e).__name__}: {e}")
+    fits = list(out.values()) if isinstance(out, dict) else []
+    conv = sum(1 for f in fits if not isinstance(f, Exception)
+               and bool(getattr(getattr(f, "diagnostics", None), "converged", False)))
     return peers.PeerResult("fit_many", True, median_s=median(wall), times_s=wall,
                             cpu_median_s=median(cpu), cpu_times_s=cpu,
-                            extra={"n_strata": len(strata), "loglik_by_stratum": _loglik_list(out, strata),
+                            converged=bool(fits) and conv == len(strata),
+                            extra={"n_strata": len(strata), "n_converged": conv if fits else "?",
+                                   "loglik_by_stratum": _loglik_list(out, strata),
                                    "return_type": type(out).__name__})
 
 
