@@ -29,7 +29,8 @@ from .response import make_response
 from .result import Diagnostics, FitResult, OptInfo
 from .structure import build_structure
 
-__all__ = ["LaplaceObjective", "ModeState", "StartHessian", "fit_glmm", "THETA_START_SCALE"]
+__all__ = ["LaplaceObjective", "ModeState", "StartHessian", "fit_glmm", "moment_theta_start",
+           "THETA_START_SCALE"]
 
 #: GLMM start: ``Λ = 0.5 I`` (lme4 starts at ``I``; 0.5 needs fewer evaluations here)
 THETA_START_SCALE = 0.5
@@ -122,6 +123,38 @@ class StartHessian:
         return H, nt + extra
 
 
+def moment_theta_start(struct, resp, eta: np.ndarray) -> np.ndarray:
+    """Start θ: moment estimates for scalar terms, ``THETA_START_SCALE`` elsewhere.
+
+    For a term with one column ``z`` the GLM fit's working residuals ``r = (y - μ)/μ'``
+    (weights ``W``) give per level ``b̂_g = Σ W z r / Σ W z²`` with sampling variance
+    ``1 / Σ W z²``; the mean of ``b̂_g² - 1/Σ W z²`` estimates the variance of that
+    term's random effect (a method-of-moments start, biased low by the GLM's
+    attenuation). On the crossed benchmark model it starts at θ = (0.65, 0.37) for an
+    optimum of (0.74, 0.42), instead of (0.5, 0.5). Terms with no evidence (an estimate
+    below ``0.1²``) start at 0.1, off the symmetric stationary point θ = 0; vector-valued
+    terms start at ``THETA_START_SCALE`` times the identity.
+    """
+    theta = THETA_START_SCALE * struct.theta_start()
+    ev = resp.evaluate(eta)
+    score, W = ev.score(resp), ev.W
+    if not (np.all(np.isfinite(score)) and np.all(np.isfinite(W))):
+        return theta
+    for t in struct.terms:
+        if t.k != 1:
+            continue
+        z = t.Z[:, 0]
+        den = np.bincount(t.codes, W * z * z, minlength=t.m)
+        num = np.bincount(t.codes, score * z, minlength=t.m)
+        ok = den > 0
+        if ok.sum() < 2:
+            continue
+        b = num[ok] / den[ok]
+        var = float(np.mean(b * b - 1.0 / den[ok]))
+        theta[t.theta_offset] = float(np.clip(np.sqrt(max(var, 0.01)), 0.1, 10.0))
+    return theta
+
+
 def _finish(model, struct, z, state, fun, tol):
     """Canonical θ (and a zero diagonal when no worse), and the evaluation there.
 
@@ -208,7 +241,7 @@ def _fit_bfgs(design, fam, formula, ctl, t0) -> FitResult:
     if beta0 is None:
         beta0 = glm.beta
     if theta0 is None:
-        theta0 = THETA_START_SCALE * struct.theta_start()
+        theta0 = moment_theta_start(struct, resp, design.X @ beta0 + resp.offset)
     z0 = np.concatenate([theta0, beta0])
     T = np.eye(nt + p)
     T[nt:, nt:] = np.linalg.inv(glm.R)  # β first scaled by the GLM information

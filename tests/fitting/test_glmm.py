@@ -209,3 +209,47 @@ def test_glm_start_is_used():
     model, des = _model("cbpp_glmer_laplace")
     g = fit_glm(des.X, model.resp)
     assert g.converged
+
+
+def _crossed_frame(sd_a, sd_b, seed=11, n=4000):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 80, n)
+    b = rng.integers(0, 10, n)
+    x = rng.normal(size=n)
+    eta = -0.2 + 0.6 * x + rng.normal(0, sd_a, 80)[a] + rng.normal(0, sd_b, 10)[b] if sd_b else \
+        -0.2 + 0.6 * x + rng.normal(0, sd_a, 80)[a]
+    return pd.DataFrame({"y": rng.binomial(1, 1 / (1 + np.exp(-eta))), "x": x,
+                         "a": pd.Categorical(a), "b": pd.Categorical(b)})
+
+
+def test_moment_theta_start_is_nearer_the_optimum_than_the_default():
+    from fitting.frame import build_design
+    from fitting.glmm_fit import THETA_START_SCALE, moment_theta_start
+
+    df = _crossed_frame(0.9, 0.4)
+    formula = "y ~ x + (1 | a) + (1 | b)"
+    fit = fitting.fit(formula, df, family="binomial")
+    design = build_design(formula, df, get_family("binomial"))
+    resp = make_response(design.y, design.weights, design.offset, get_family("binomial"))
+    struct = build_structure(design.re_terms, design.nobs)
+    glm = fit_glm(design.X, resp)
+    start = moment_theta_start(struct, resp, design.X @ glm.beta + resp.offset)
+    default = THETA_START_SCALE * struct.theta_start()
+    assert np.all(np.abs(start - fit.theta) < np.abs(default - fit.theta))
+    assert np.all(start > 0.1)
+
+
+def test_moment_theta_start_without_signal_starts_off_zero():
+    from fitting.frame import build_design
+    from fitting.glmm_fit import moment_theta_start
+
+    df = _crossed_frame(0.9, 0.0)  # b has no effect
+    design = build_design("y ~ x + (1 | a) + (1 | b)", df, get_family("binomial"))
+    resp = make_response(design.y, design.weights, design.offset, get_family("binomial"))
+    struct = build_structure(design.re_terms, design.nobs)
+    glm = fit_glm(design.X, resp)
+    start = moment_theta_start(struct, resp, design.X @ glm.beta + resp.offset)
+    b_index = [t.theta_offset for t in struct.terms if t.group == "b"][0]
+    assert start[b_index] == pytest.approx(0.1, abs=0.05)  # off the symmetric point θ = 0
+    fit = fitting.fit("y ~ x + (1 | a) + (1 | b)", df, family="binomial")
+    assert fit.diagnostics.converged
