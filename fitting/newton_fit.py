@@ -29,7 +29,7 @@ import numpy as np
 from .batch_kernels import RowKernel, row_kernel
 from .batch_laplace import BatchEval, evaluate
 from .batch_newton import (ARMIJO, GRAD_TOL, LAMBDA2_TOL, MAX_BACKTRACK, MAX_STEP, NewtonResult,
-                           directions, glm_start)
+                           directions, glm_start, moment_theta)
 from .batch_results import chunk_tables, finish_chunk, theta_names
 from .batch_stack import Stack, stack_designs, tril_layout
 from .fitcommon import full_vcov_frame, information_criteria, start_vector, vcov_frame
@@ -187,10 +187,12 @@ def fit_glmm_newton(design, fam, formula: str, ctl: dict, t0: float) -> FitResul
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             kern = row_kernel(fam)
             st = stack_designs([design], kern)
-            if theta0 is None:
-                theta0 = np.where(rows == cols, THETA_START_SCALE, 0.0)
             if beta0 is None:
                 beta0 = glm_start(st, kern, maxit=GLM_STEPS)[0]
+            if theta0 is None:
+                theta0 = np.where(rows == cols, THETA_START_SCALE, 0.0)
+                if k == 1 and np.all(np.isfinite(beta0)):  # the same start as fit_many
+                    theta0 = moment_theta(st, kern, beta0[None, :], THETA_START_SCALE)
             z0 = np.concatenate([theta0, beta0])
             if not np.all(np.isfinite(z0)):
                 return None
