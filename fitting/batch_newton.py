@@ -21,6 +21,7 @@ import numpy as np
 from .batch_kernels import RowKernel
 from .batch_laplace import BatchEval, evaluate, strata_gram, strata_sums
 from .batch_stack import Stack
+from .fitcommon import moment_sd
 
 __all__ = ["NewtonResult", "newton", "glm_start", "moment_theta", "solve_stack", "directions", "LAMBDA2_TOL", "GRAD_TOL",
            "ARMIJO", "MAX_BACKTRACK", "MAX_STEP"]
@@ -323,7 +324,7 @@ def moment_theta(st: Stack, kern: RowKernel, beta: np.ndarray, default: float) -
         b2 = np.where(ok, (num / safe) ** 2 - 1.0 / safe, 0.0)
         cnt = st.groups_by_stratum(ok.astype(float))
         var = st.groups_by_stratum(b2) / np.maximum(cnt, 1.0)
-        theta = np.clip(np.sqrt(np.maximum(var, 0.01)), 0.1, 10.0)
+        theta = moment_sd(var)
     return np.where((cnt >= 2) & np.isfinite(theta), theta, default)
 
 

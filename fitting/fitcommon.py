@@ -6,13 +6,24 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
-__all__ = ["SNAP", "LOOSE_GTOL", "start_vector", "ngroups", "information_criteria", "vcov_frame",
+__all__ = ["SNAP", "LOOSE_GTOL", "moment_sd", "start_vector", "ngroups", "information_criteria", "vcov_frame",
            "names_index", "is_pd", "newton_step", "zero_small_diagonals", "full_vcov_frame"]
 
 #: a diagonal θ below this in absolute value is tried at exactly 0
 SNAP = 1e-3
 #: with a final Hessian, BFGS stops at this whitened gradient and a Newton step finishes
 LOOSE_GTOL = 1e-3
+#: moment starts of θ (:func:`moment_sd`) lie within [floor, cap]: the floor keeps a term
+#: without evidence of a group effect off the symmetric stationary point θ = 0
+MOMENT_FLOOR, MOMENT_CAP = 0.1, 10.0
+
+
+def moment_sd(var):
+    """Start θ of a scalar term from its moment estimate ``var`` of the random-effect
+    variance: ``sqrt(var)`` within [:data:`MOMENT_FLOOR`, :data:`MOMENT_CAP`] (also for
+    ``var <= 0``). Shared by the Newton paths (:func:`fitting.batch_newton.moment_theta`)
+    and the BFGS path (:func:`fitting.glmm_fit.moment_theta_start`)."""
+    return np.clip(np.sqrt(np.maximum(var, MOMENT_FLOOR ** 2)), MOMENT_FLOOR, MOMENT_CAP)
 
 
 def start_vector(ctl, key, size, what):

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import inference, linalg
 from .errors import ConvergenceError
-from .fitcommon import (LOOSE_GTOL, full_vcov_frame, information_criteria, is_pd, newton_step,
+from .fitcommon import (LOOSE_GTOL, full_vcov_frame, moment_sd, information_criteria, is_pd, newton_step,
                         ngroups, start_vector, vcov_frame, zero_small_diagonals)
 from .glm import fit_glm
 from .glmm import GlmmModel, has_beta_hessian, laplace, laplace_gradient, laplace_hessian_beta, pirls
@@ -151,7 +151,7 @@ def moment_theta_start(struct, resp, eta: np.ndarray) -> np.ndarray:
             continue
         b = num[ok] / den[ok]
         var = float(np.mean(b * b - 1.0 / den[ok]))
-        theta[t.theta_offset] = float(np.clip(np.sqrt(max(var, 0.01)), 0.1, 10.0))
+        theta[t.theta_offset] = float(moment_sd(var))
     return theta
 
 
