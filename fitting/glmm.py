@@ -29,8 +29,7 @@ from .errors import ConvergenceError
 from .response import Response, ResponseEval
 from .structure import Structure
 
-__all__ = ["GlmmModel", "PirlsResult", "LaplaceEval", "pirls", "laplace", "laplace_gradient",
-           "has_beta_hessian", "laplace_hessian_beta"]
+__all__ = ["GlmmModel", "PirlsResult", "LaplaceEval", "pirls", "laplace", "laplace_gradient"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -255,69 +254,6 @@ def laplace_gradient(model: GlmmModel, pr: PirlsResult, jacobian: bool = False):
             Gz[:, t.theta_offset + j] = col
     J = -linalg.solve_A(struct, facH, Gz)
     return grad, J
-
-
-def has_beta_hessian(model: GlmmModel) -> bool:
-    """Whether :func:`laplace_hessian_beta` applies: one random-effects term (``A``
-    block-diagonal) and a canonical binomial-logit or Poisson-log response."""
-    return model.struct.level.r == 0 and model.resp.fast in ("logit", "log")
-
-
-def laplace_hessian_beta(model: GlmmModel, pr: PirlsResult, J_beta: np.ndarray) -> np.ndarray:
-    """Exact ββ block of the Hessian of the Laplace deviance at a PIRLS solution.
-
-    For a canonical link ``W = D2`` and ``d²/dβ² [dev(η̂) + ||û||²] = 2 RX'RX`` (the Schur
-    complement ``X'WX - X'WZΛ A⁻¹Λ'Z'WX``). With ``P = dη̂/dβ = X + ZΛ dû/dβ``,
-    ``q_i = v_i'A⁻¹v_i``, ``a = A⁻¹Λ'Z'(W' ⊙ q)`` and, per level ``g`` and column ``l``,
-    ``B_gl = Σ_(i in g) W'_i P_il v_i v_i'``, the curvature of ``log|A|`` is::
-
-        Σ_i W''_i q_i P_ik P_il - Σ_g tr(A_g⁻¹ B_gl A_g⁻¹ B_gk) - Σ_i (ZΛa)_i W'_i P_ik P_il
-
-    (``W' = dW/dη``, ``W'' = d²W/dη²``). Only for :func:`has_beta_hessian` models: with one
-    term ``A`` is block-diagonal, so the middle term is local to the levels.
-
-    Parameters
-    ----------
-    J_beta : ndarray (q, p)
-        ``dû/dβ`` (the β columns of :func:`laplace_gradient`'s Jacobian).
-    """
-    struct, resp, X = model.struct, model.resp, model.X
-    V, ev, fac = pr.V, pr.ev, pr.fac
-    t = struct.terms[0]
-    k, m, p = t.k, t.m, X.shape[1]
-    W = ev.W
-    if resp.fast == "logit":
-        dW = W * (1.0 - 2.0 * ev.mu)
-        d2W = dW * (1.0 - 2.0 * ev.mu) - 2.0 * W * ev.mu * (1.0 - ev.mu)
-    else:
-        dW = d2W = W
-    fb = linalg.fixed_blocks(struct, fac, V, W, X)
-    H = 2.0 * fb.R.T @ fb.R
-    Ainv = fac.L11inv
-    Ainv = np.einsum("gcb,gcd->gbd", Ainv, Ainv) if k > 1 else Ainv * Ainv  # (m, k, k)
-    codes = t.codes
-    Y = np.einsum("nab,nb->na", Ainv[codes], V) if k > 1 else Ainv[codes, 0, :] * V
-    q = np.einsum("na,na->n", V, Y)
-    a = linalg.solve_A(struct, fac, struct.zt_times(V, dW * q))
-    ci = struct.col_index
-    if k > 1:
-        P = X + np.einsum("na,nap->np", V, J_beta[ci])
-    else:
-        P = X + V * J_beta[ci[:, 0]]
-    w1 = d2W * q - struct.z_times(V, a) * dW
-    H += (P * w1[:, None]).T @ P
-    # B_gl (m, p, k, k), then E_gl = A_g⁻¹ B_gl and Σ_g tr(E_gl E_gk)
-    vals = (dW[:, None] * P)[:, :, None, None] * (V[:, :, None] * V[:, None, :])[:, None, :, :]
-    ncol = p * k * k
-    idx = codes[:, None] * ncol + np.arange(ncol)[None, :]
-    B = np.bincount(idx.ravel(), vals.reshape(-1), minlength=m * ncol).reshape(m, p, k, k)
-    if k == 1:
-        E = Ainv[:, 0, 0][:, None] * B[:, :, 0, 0]
-        H -= E.T @ E
-    else:
-        E = np.einsum("gab,glbc->glac", Ainv, B)
-        H -= np.einsum("glab,gkba->lk", E, E)
-    return 0.5 * (H + H.T)
 
 
 def laplace(model: GlmmModel, theta: np.ndarray, beta: np.ndarray, u0: np.ndarray | None = None,

@@ -22,8 +22,9 @@ from .errors import ConvergenceError
 from .fitcommon import (LOOSE_GTOL, full_vcov_frame, moment_sd, information_criteria, is_pd, newton_step,
                         ngroups, start_vector, vcov_frame, zero_small_diagonals)
 from .glm import fit_glm
-from .glmm import GlmmModel, has_beta_hessian, laplace, laplace_gradient, laplace_hessian_beta, pirls
+from .glmm import GlmmModel, laplace, laplace_gradient, pirls
 from .glmm_checks import run_checks
+from .laplace_hessian import has_beta_hessian, laplace_hessian_beta
 from .optimize import Affine, bfgs, hessian_along, minimize_whitened
 from .response import make_response
 from .result import Diagnostics, FitResult, OptInfo
@@ -193,8 +194,8 @@ def _final_hessian(model, z, ev, C, grad):
     """Hessian of the Laplace deviance at the estimate ``z`` (``ev`` its evaluation with
     ``dû/dz``), and the number of gradient evaluations it took.
 
-    With :func:`fitting.glmm.has_beta_hessian` the ββ block is exact
-    (:func:`fitting.glmm.laplace_hessian_beta`) and only the θ columns are forward
+    With :func:`fitting.laplace_hessian.has_beta_hessian` the ββ block is exact
+    (:func:`fitting.laplace_hessian.laplace_hessian_beta`) and only the θ columns are forward
     differences of the analytic gradient (one evaluation per θ); otherwise every column is,
     along the whitened directions ``C``.
     """
@@ -291,7 +292,7 @@ def _fit_bfgs(design, fam, formula, ctl, t0) -> FitResult:
             # resume the quasi-Newton iterations to the requested tolerance
             more = bfgs(Affine(obj, z, wres.C), np.zeros(z.size),
                         state=ModeState(z.copy(), ev.pirls.u, ev.jacobian, ev),
-                        maxiter=int(ctl["maxiter"]), gtol=gtol)
+                        maxiter=int(ctl["maxiter"]), gtol=gtol, start=(ev.deviance, wres.C.T @ ev.gradient))
             evaluations += more.evaluations
             log += list(more.log)
             status, message = more.status, more.message

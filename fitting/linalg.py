@@ -12,6 +12,7 @@ Nothing here knows the family: the weights ``W`` come from the caller. A
 Functions
 ---------
 factorize        W, ``V = ZΛ`` rows → :class:`Factor` (``L``, ``log|L|²``)
+weighted_buffer  ``Λ'Z'WZΛ`` in the buffer layout (what factorize factors, less ``I``)
 solve_L          ``L⁻¹ b``
 solve_Lt         ``L⁻ᵀ b``
 solve_A          ``A⁻¹ b``
@@ -34,6 +35,7 @@ __all__ = [
     "Factor",
     "NotPositiveDefinite",
     "factorize",
+    "weighted_buffer",
     "solve_L",
     "solve_Lt",
     "solve_A",
@@ -195,17 +197,21 @@ def factorize(struct: Structure, V: np.ndarray, W: np.ndarray) -> Factor:
             for b in range(a + 1):
                 A11[:, a, b] = A11[:, b, a] = np.bincount(codes, V[:, a] * WV[:, b], minlength=m1)
         return _factor_level(lv, A11.ravel())
+    return _factor_level(lv, weighted_buffer(struct, V, W))
+
+
+def weighted_buffer(struct: Structure, V: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``Λ'Z' diag(W) ZΛ`` (no identity added) in the buffer layout of a structure with
+    several own entries per observation (``K > 1``)."""
     if struct.build_ab is not None:
         # V[:, a] W V[:, b] for the kept own-entry pairs, pair-major (contiguous columns)
         WV = W[:, None] * V
         vals = np.empty((struct.build_ab.shape[0], struct.n))
         for j, (a, b) in enumerate(struct.build_ab):
             np.multiply(V[:, a], WV[:, b], out=vals[j])
-        buf = np.bincount(struct.build_tgt_t, vals.ravel(), minlength=lv.nbuf)
-    else:
-        outer = (V[:, :, None] * (W[:, None] * V)[:, None, :]).ravel()
-        buf = np.bincount(struct.build_tgt, outer[struct.build_src], minlength=lv.nbuf)
-    return _factor_level(lv, buf)
+        return np.bincount(struct.build_tgt_t, vals.ravel(), minlength=struct.level.nbuf)
+    outer = (V[:, :, None] * (W[:, None] * V)[:, None, :]).ravel()
+    return np.bincount(struct.build_tgt, outer[struct.build_src], minlength=struct.level.nbuf)
 
 
 def _apply_blocks(Binv: np.ndarray, x: np.ndarray, transpose: bool) -> np.ndarray:

@@ -30,6 +30,7 @@ class Outcome:
     x, fun, grad : the best point, its objective value and gradient
     state : the objective's state at the best point
     evaluations : int
+        Calls of the objective (the values are in ``log``).
     iterations : int
     status : int
         0 converged, 1 iteration/evaluation limit, 2 other stop (line search, abnormal).
@@ -56,7 +57,7 @@ class Outcome:
 
 def bfgs(fun: Callable, x0: np.ndarray, *, state: Any = None, maxiter: int = 500, gtol: float = 1e-5,
          ftol: float = 1e-13, accept_gtol: float = 1e-3, max_step: float = 10.0,
-         max_backtrack: int = 30) -> Outcome:
+         max_backtrack: int = 30, start: tuple | None = None) -> Outcome:
     """Unconstrained dense BFGS with Armijo backtracking, for small well-scaled problems.
 
     Meant for whitened objectives (Hessian near the identity at the start): the first
@@ -75,6 +76,9 @@ def bfgs(fun: Callable, x0: np.ndarray, *, state: Any = None, maxiter: int = 500
         if ``max |g| < accept_gtol`` (noise floor), otherwise status 2.
     max_step : float
         Longest trial step (in the whitened units of ``x``).
+    start : (f, g), optional
+        The objective and its gradient at ``x0`` (with ``state``), when the caller already
+        evaluated them: the run then does not evaluate ``x0`` again (nor log it).
 
     Returns
     -------
@@ -85,10 +89,13 @@ def bfgs(fun: Callable, x0: np.ndarray, *, state: Any = None, maxiter: int = 500
     x = np.array(x0, dtype=float)
     d = x.size
     log: list[float] = []
-    f, g, st = fun(x, state)
-    log.append(float(f))
+    if start is None:
+        f, g, st = fun(x, state)
+        log.append(float(f))
+    else:
+        (f, g), st = start, state
     if g is None or not np.isfinite(f):
-        return Outcome(x=x, fun=np.inf, grad=np.full(d, np.nan), state=state, evaluations=1, iterations=0,
+        return Outcome(x=x, fun=np.inf, grad=np.full(d, np.nan), state=state, evaluations=len(log), iterations=0,
                        status=2, message="objective not finite at the start",
                        elapsed=time.perf_counter() - t0, initial=x.copy(), log=tuple(log))
     Hi = np.eye(d)
@@ -232,7 +239,7 @@ def minimize_whitened(fun: Callable, z0: np.ndarray, T: np.ndarray | None = None
         a = np.abs(w)  # indefinite at the start: scale by the curvature magnitudes
         if a.max() > 0:
             C = T @ (Q * np.maximum(a, eig_floor * a.max()) ** -0.5)
-    out = bfgs(Affine(fun, z0, C), np.zeros(d), state=st0, maxiter=maxiter, gtol=gtol)
+    out = bfgs(Affine(fun, z0, C), np.zeros(d), state=st0, maxiter=maxiter, gtol=gtol, start=(f0, C.T @ g0))
     return Whitened(outcome=out, z=z0 + C @ out.x, C=C, H0=0.5 * (H0 + H0.T), start_evaluations=nev)
 
 

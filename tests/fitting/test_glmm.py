@@ -63,32 +63,6 @@ def test_analytic_gradient_matches_finite_differences(key, link):
     np.testing.assert_allclose(ev.gradient, g_fd, rtol=1e-5, atol=1e-4 * max(1.0, np.abs(g_fd).max()) * 1e-2)
 
 
-@pytest.mark.parametrize("key", ["cbpp_glmer_laplace", "contraception_glmer_laplace",
-                                 "contraception_slope_glmer_laplace"])
-def test_analytic_beta_hessian_matches_finite_differences(key):
-    """The exact ββ block (one term, canonical link) against central differences of the
-    analytic gradient, away from the optimum."""
-    from fitting.glmm import has_beta_hessian, laplace_hessian_beta
-
-    model, des = _model(key)
-    assert has_beta_hessian(model)
-    theta, beta = _ref_point(key)
-    nt = model.ntheta
-    z = np.concatenate([theta * 1.1, beta * 0.9])
-    ev = laplace(model, z[:nt], z[nt:], jacobian=True)
-    Hb = laplace_hessian_beta(model, ev.pirls, ev.jacobian[:, nt:])
-    scales = 1.0 / np.maximum(des.X.std(axis=0), 1.0)
-    p = des.X.shape[1]
-    H_fd = np.empty((p, p))
-    for j in range(p):
-        e = np.zeros(z.size)
-        e[nt + j] = 1e-4 * scales[j]
-        gp = laplace(model, (z + e)[:nt], (z + e)[nt:]).gradient[nt:]
-        gm = laplace(model, (z - e)[:nt], (z - e)[nt:]).gradient[nt:]
-        H_fd[:, j] = (gp - gm) / (2e-4 * scales[j])
-    np.testing.assert_allclose(Hb, 0.5 * (H_fd + H_fd.T), rtol=1e-6, atol=1e-6 * np.abs(H_fd).max())
-
-
 def test_gradient_negative_diagonal_theta_is_symmetric():
     """The deviance is even in each column sign of Λ (θ is optimised unbounded)."""
     model, _ = _model("contraception_slope_glmer_laplace")
