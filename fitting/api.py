@@ -19,8 +19,10 @@ Control keys (``control=`` dict; unknown keys are rejected by name):
     that Hessian finishes (quadratically); if that step cannot be taken, BFGS resumes down
     to ``gtol``.
 ``se`` ("hessian" | "rx")
-    GLMM standard errors from the finite-difference Hessian of the Laplace deviance over
-    (θ, β) (lme4's default), or from ``RX`` conditional on θ (faster: no Hessian). LMMs
+    GLMM standard errors from the Hessian of the Laplace deviance over (θ, β) (lme4's
+    default): forward differences of the analytic gradient, with an exact ββ block for
+    canonical links on one grouping factor or a crossed (dense-rest) layout
+    (:mod:`fitting.laplace_hessian`); or from ``RX`` conditional on θ (faster: no Hessian). LMMs
     always use ``RX`` (like lme4).
 ``na_action`` ("error" | "omit")
     Passed to the design stage.
