@@ -202,22 +202,11 @@ def laplace_gradient(model: GlmmModel, pr: PirlsResult, jacobian: bool = False):
     struct, resp, X = model.struct, model.resp, model.X
     V, u, ev, fac = pr.V, pr.u, pr.ev, pr.fac
     d1, dW, D2 = resp.derivatives(ev)
-    buf = linalg.inverse_buffer(struct, fac)
-    K = struct.K
     # observation-major (K, n) arrays: Y[a] = Σ_b (A⁻¹)_(own a, own b) V[:, b]
-    if K == 1:
-        Y = (buf[struct.col_index[:, 0]] * V[:, 0])[None, :]
-        q_own = V[:, 0] * Y[0]
-    else:
-        gt = struct.gather_tgt_t
-        Y = np.empty((K, struct.n))
-        for a_ in range(K):
-            Y[a_] = buf[gt[a_, 0]] * V[:, 0]
-            for b_ in range(1, K):
-                Y[a_] += buf[gt[a_, b_]] * V[:, b_]
-        q_own = V[:, 0] * Y[0]
-        for a_ in range(1, K):
-            q_own += V[:, a_] * Y[a_]
+    Y = linalg.own_products(struct, V, linalg.inverse_buffer(struct, fac))
+    q_own = V[:, 0] * Y[0]
+    for a_ in range(1, struct.K):
+        q_own += V[:, a_] * Y[a_]
     c = dW * q_own
     b = struct.zt_times(V, c)
     facH = fac

@@ -67,18 +67,13 @@ def laplace_hessian_beta(model, pr, J_beta: np.ndarray) -> np.ndarray:
     V, ev, fac = pr.V, pr.ev, pr.fac
     dW, d2W = _weight_derivatives(resp, ev)
     H = 2.0 * _rx_gram(struct, fac, V, ev.W, X)
-    ci = struct.col_index
-    if struct.K == 1:
-        q = fac.L11inv[ci[:, 0], 0, 0] ** 2 * V[:, 0] ** 2
-        P = X + V[:, :1] * J_beta[ci[:, 0]]
-    else:
-        buf = linalg.inverse_buffer(struct, fac)
-        gt, cit = struct.gather_tgt_t, struct.col_index_t
-        q = np.zeros(struct.n)
-        P = X.copy()
-        for a in range(struct.K):
-            q += V[:, a] * sum(buf[gt[a, b]] * V[:, b] for b in range(struct.K))
-            P += V[:, a, None] * J_beta[cit[a]]
+    Y = linalg.own_products(struct, V, linalg.inverse_buffer(struct, fac))
+    cit = struct.col_index.T
+    q = V[:, 0] * Y[0]
+    P = X + V[:, :1] * J_beta[cit[0]]
+    for a in range(1, struct.K):
+        q += V[:, a] * Y[a]
+        P += V[:, a, None] * J_beta[cit[a]]
     a = linalg.solve_A(struct, fac, struct.zt_times(V, dW * q))
     w1 = d2W * q - struct.z_times(V, a) * dW
     H += (P * w1[:, None]).T @ P

@@ -18,6 +18,7 @@ solve_Lt         ``L⁻ᵀ b``
 solve_A          ``A⁻¹ b``
 inverse_buffer   ``A⁻¹`` on the sparsity pattern of ``A`` (own blocks of every observation)
 own_inverse      the (n, K, K) own-block entries of ``A⁻¹`` per observation
+own_products     ``A⁻¹ v_i`` on the own columns of every observation (``v_i`` the row of ``ZΛ``)
 diag_blocks      the k×k diagonal blocks of ``A⁻¹`` for every term and level
 fixed_blocks     ``RZX``, ``RX`` (and the penalised residual) for an augmented ``X``
 """
@@ -41,6 +42,7 @@ __all__ = [
     "solve_A",
     "inverse_buffer",
     "own_inverse",
+    "own_products",
     "diag_blocks",
     "FixedBlocks",
     "fixed_blocks",
@@ -344,6 +346,21 @@ def inverse_buffer(struct: Structure, fac: Factor) -> np.ndarray:
     ``L11⁻ᵀ L11⁻¹ + C' S⁻¹ C``; products are restricted to pairs sharing a block.
     """
     return _inverse_level(struct.level, fac)
+
+
+def own_products(struct: Structure, V: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """``Y[a, i] = Σ_b (A⁻¹)_(own a, own b) V[i, b]``: ``A⁻¹ v_i`` on each observation's
+    own columns, shape (K, n) (observation-major rows), from :func:`inverse_buffer`'s
+    ``buf``. ``Σ_a V[:, a] Y[a]`` is ``v_i'A⁻¹v_i``."""
+    if struct.K == 1:
+        return (buf[struct.col_index[:, 0]] * V[:, 0])[None, :]
+    gt = struct.gather_tgt_t
+    Y = np.empty((struct.K, struct.n))
+    for a in range(struct.K):
+        Y[a] = buf[gt[a, 0]] * V[:, 0]
+        for b in range(1, struct.K):
+            Y[a] += buf[gt[a, b]] * V[:, b]
+    return Y
 
 
 def own_inverse(struct: Structure, buf: np.ndarray) -> np.ndarray:

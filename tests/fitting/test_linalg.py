@@ -130,6 +130,15 @@ def _check_against_dense(struct, rng):
     own = linalg.own_inverse(struct, buf)
     ci = struct.col_index
     np.testing.assert_allclose(own, Ainv[ci[:, :, None], ci[:, None, :]], atol=1e-10)
+    # A⁻¹ v_i on the own columns (v_i the row of Z Lambda), and v_i'A⁻¹v_i
+    Y = linalg.own_products(struct, V, buf)
+    AinvZL = Ainv @ ZL.T  # (q, n)
+    np.testing.assert_allclose(Y, AinvZL[ci.T, np.arange(n)[None, :]], atol=1e-10)
+    np.testing.assert_allclose(np.einsum("ni,in->n", V, Y), np.einsum("nq,qn->n", ZL, AinvZL), atol=1e-10)
+    # the weighted buffer is what factorize factors, less the identity
+    if struct.K > 1:
+        fac2 = linalg._factor_level(struct.level, linalg.weighted_buffer(struct, V, W))
+        assert fac2.logdet == pytest.approx(fac.logdet, rel=1e-13)
     for t, blocks in zip(struct.terms, linalg.diag_blocks(struct, buf)):
         for g in range(t.m):
             s = t.offset + g * t.k
