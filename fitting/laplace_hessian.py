@@ -68,12 +68,12 @@ def laplace_hessian_beta(model, pr, J_beta: np.ndarray) -> np.ndarray:
     dW, d2W = _weight_derivatives(resp, ev)
     H = 2.0 * _rx_gram(struct, fac, V, ev.W, X)
     Y = linalg.own_products(struct, V, linalg.inverse_buffer(struct, fac))
-    cit = struct.col_index.T
+    cit = struct.col_index.T if struct.K == 1 else struct.col_index_t  # (K, n), contiguous rows
     q = V[:, 0] * Y[0]
-    P = X + V[:, :1] * J_beta[cit[0]]
+    P = X + V[:, :1] * np.take(J_beta, cit[0], axis=0)  # (row gathers: np.take ~4x faster than [])
     for a in range(1, struct.K):
         q += V[:, a] * Y[a]
-        P += V[:, a, None] * J_beta[cit[a]]
+        P += V[:, a, None] * np.take(J_beta, cit[a], axis=0)
     a = linalg.solve_A(struct, fac, struct.zt_times(V, dW * q))
     w1 = d2W * q - struct.z_times(V, a) * dW
     H += (P * w1[:, None]).T @ P
@@ -121,26 +121,28 @@ def _dense_rest_s(struct, fac, V, wP) -> np.ndarray:
         Cd = fac.L21d * Li[:, 0, 0][:, None]  # Ñ' (q1, r)
     else:
         Cd = np.einsum("gbj,gbc->gcj", fac.L21d.reshape(m1, k1, r), Li).reshape(q1, r)
-    rows = []
-    for l in range(wP.shape[1]):
+    p = wP.shape[1]
+    S11s, XPt, Qs = [], [], []
+    for l in range(p):
         buf = linalg.weighted_buffer(struct, V, wP[:, l])
         B11 = buf[: lv.off_cross].reshape(m1, k1, k1)
         B12 = np.zeros(q1 * r)
         B12[lv.pair_dense] = buf[lv.off_cross: lv.off_rest].reshape(-1, k1)
         B12 = B12.reshape(q1, r)
-        B22 = buf[lv.off_rest:].reshape(r, r)
         if k1 == 1:
             b = B11[:, 0, 0]
             Pl = B12 - b[:, None] * Cd
-            S11 = Li[:, 0, 0] ** 2 * b
-            XP = Li[:, 0, 0][:, None] * Pl
+            S11s.append(Li[:, 0, 0] ** 2 * b)
+            XPt.append((Li[:, 0, 0][:, None] * Pl).T)
         else:
             Pl = B12 - np.einsum("gab,gbj->gaj", B11, Cd.reshape(m1, k1, r)).reshape(q1, r)
-            S11 = np.einsum("gab,gbc,gdc->gad", Li, B11, Li)
-            XP = np.einsum("gab,gbj->gaj", Li, Pl.reshape(m1, k1, r)).reshape(q1, r)
-        S12t = solve_triangular(L22, XP.T, lower=True, check_finite=False)  # (r, q1)
-        Q = B22 - Cd.T @ Pl - B12.T @ Cd
-        Y = solve_triangular(L22, Q, lower=True, check_finite=False)
-        S22 = solve_triangular(L22, Y.T, lower=True, check_finite=False)
-        rows.append(np.concatenate([S11.ravel(), np.sqrt(2.0) * S12t.ravel(), S22.ravel()]))
-    return np.array(rows)
+            S11s.append(np.einsum("gab,gbc,gdc->gad", Li, B11, Li).ravel())
+            XPt.append(np.einsum("gab,gbj->gaj", Li, Pl.reshape(m1, k1, r)).reshape(q1, r).T)
+        Qs.append(buf[lv.off_rest:].reshape(r, r) - Cd.T @ Pl - B12.T @ Cd)
+    # the triangular solves of all columns at once: S12' = L22⁻¹ (L11⁻¹P)', S22 = L22⁻¹ Q L22⁻ᵀ
+    S12t = solve_triangular(L22, np.hstack(XPt), lower=True, check_finite=False).reshape(r, p, q1)
+    Y = solve_triangular(L22, np.hstack(Qs), lower=True, check_finite=False).reshape(r, p, r)
+    S22 = solve_triangular(L22, Y.transpose(2, 1, 0).reshape(r, p * r), lower=True,
+                           check_finite=False).reshape(r, p, r)
+    return np.concatenate([np.array(S11s), np.sqrt(2.0) * S12t.transpose(1, 0, 2).reshape(p, -1),
+                           S22.transpose(1, 0, 2).reshape(p, -1)], axis=1)

@@ -126,7 +126,7 @@ def _factor_level(lv, buf: np.ndarray) -> Factor:
     if not r:
         return Factor(L11inv, np.zeros((0, k1)), None, None, float(ld1))
     A21 = buf[lv.off_cross: lv.off_rest].reshape(-1, k1)
-    Li = L11inv[lv.pair_g]
+    Li = np.take(L11inv, lv.pair_g, axis=0)  # (np.take: row gathers ~2x faster than [])
     # L21 = A21 L11^{-T}:  L21[p, b] = sum_c A21[p, c] L11inv[g, b, c]
     L21 = np.einsum("pc,pbc->pb", A21, Li) if k1 > 1 else A21 * Li[:, :, 0]
     if lv.dense:
@@ -241,7 +241,7 @@ def _solve_L(lv, fac: Factor, B: np.ndarray) -> np.ndarray:
     if fac.L21d is not None:
         y = fac.L21d.T @ x1.reshape(q1, c)
     else:
-        t = np.einsum("pb,pbm->pm", fac.L21, x1[lv.pair_g])
+        t = np.einsum("pb,pbm->pm", fac.L21, np.take(x1, lv.pair_g, axis=0))
         y = np.add.reduceat(t[lv.pair_j_perm], lv.pair_j_starts, axis=0)
     rhs = B[q1:] - y
     if fac.sub is not None:
@@ -303,7 +303,8 @@ def _inverse_level(lv, fac: Factor) -> np.ndarray:
         if info != 0:  # pragma: no cover - L22 came from a successful dpotrf
             raise NotPositiveDefinite("dpotri failed")
         rest = (np.tril(Sinv) + np.tril(Sinv, -1).T).ravel()
-    C = np.einsum("pb,pbc->pc", fac.L21, Li[lv.pair_g]) if k1 > 1 else fac.L21 * Li[lv.pair_g, 0]
+    Lp = np.take(Li, lv.pair_g, axis=0)
+    C = np.einsum("pb,pbc->pc", fac.L21, Lp) if k1 > 1 else fac.L21 * Lp[:, 0]
     if lv.dense:
         # dense C (q1, r): (A⁻¹)21 = -S⁻¹C' on the pairs, diag blocks += C S⁻¹ C'
         if k1 == 1:
