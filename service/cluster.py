@@ -209,6 +209,21 @@ def _local_cluster(n_workers: int | None) -> distributed.LocalCluster:
         )
 
 
+def _spawn_hint(exc: BaseException) -> str:
+    """A hint for the usual cause of local workers that do not start: a script that starts
+    the cluster at import time. Worker processes are spawned and re-import ``__main__``,
+    where the unguarded call starts a cluster again and fails."""
+    if "failed to start" not in str(exc):
+        return ""
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if not script:
+        return ""
+    return (f" (if {os.path.basename(script)!r} starts the job at import time, put the call under "
+            "`if __name__ == \"__main__\":`: local workers are spawned processes that import the main "
+            "module again)")
+
+
 @contextlib.contextmanager
 def connect(
     scheduler: str | None = None,
@@ -262,7 +277,8 @@ def connect(
         if cluster is not None:
             cluster.close()
         where = address or "local cluster"
-        raise ClusterUnavailable(f"cannot connect to Dask scheduler {where}: {exc}") from exc
+        hint = "" if address else _spawn_hint(exc)
+        raise ClusterUnavailable(f"cannot connect to Dask scheduler {where}: {exc}{hint}") from exc
     try:
         # preload first (loads numpy/scipy's BLAS), then limit the loaded pools
         for plugin in (PreloadPlugin(), BlasThreadsPlugin()):
