@@ -89,11 +89,8 @@ def _rx_gram(struct, fac, V, W, X) -> np.ndarray:
 
 
 def _one_term_s(struct, fac, V, wP) -> np.ndarray:
-    """Rows ``vec(A_g^(-1/2) B_gl A_g^(-1/2))`` per column ``l`` for one term (block-diagonal ``A``).
-
-    Only the Frobenius products of the rows matter, so the per-level blocks ``E_gl =
-    A_g⁻¹B_gl`` enter through ``tr(E_gl E_gk)``, here as ``<L_g⁻¹ B_gl L_g⁻ᵀ, ...>``.
-    """
+    """Rows ``vec(L_g⁻¹ B_gl L_g⁻ᵀ)`` over the levels ``g``, one per column ``l``, for one
+    term (block-diagonal ``A = diag(L_g L_g')``): their products are ``Σ_g tr(A_g⁻¹B_gl A_g⁻¹B_gk)``."""
     t = struct.terms[0]
     k, m, p = t.k, t.m, wP.shape[1]
     codes = t.codes
