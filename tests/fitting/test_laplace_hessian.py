@@ -37,7 +37,10 @@ def _crossed_frame(seed, n=1500, na=60, nb=9, family="binomial"):
         y = rng.binomial(1, 1 / (1 + np.exp(-eta)))
     else:
         y = rng.poisson(np.exp(0.5 + 0.3 * eta))
-    return pd.DataFrame({"y": y, "x": x, "z": rng.normal(size=n),
+    size = rng.integers(1, 8, n)
+    succ = rng.binomial(size, 1 / (1 + np.exp(-eta)))
+    return pd.DataFrame({"y": y, "x": x, "z": rng.normal(size=n), "s": succ, "f": size - succ,
+                         "t": rng.uniform(0.5, 2.0, n),
                          "a": pd.Categorical(a), "b": pd.Categorical(b),
                          "c": pd.Categorical(rng.integers(0, 5, n))})
 
@@ -96,6 +99,8 @@ def test_one_term_matches_finite_differences(key):
     ("y ~ x + z + (1 | a) + (1 | b)", "poisson"),
     ("y ~ x + (x | a) + (1 | b)", "binomial"),          # vector leading term (k1 = 2)
     ("y ~ x + z + (1 | a) + (1 | b) + (1 | c)", "binomial"),  # two terms in the dense rest
+    ("cbind(s, f) ~ x + (1 | a) + (1 | b)", "binomial"),  # binomial totals as prior weights
+    ("y ~ x + offset(log(t)) + (1 | a) + (1 | b)", "poisson"),
 ])
 def test_dense_rest_matches_finite_differences(formula, family):
     model, des, theta, beta = _formula_model(formula, family)
