@@ -81,7 +81,7 @@ DATA_DIR = OUT_DIR / "data"
 
 WRAPPER = r"""
 import json, resource, sys
-from service.cli import main
+from service.cli import exit_promptly, main
 rc = 1
 try:
     rc = main(sys.argv[1:])
@@ -96,7 +96,7 @@ finally:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     print("COORDINATOR_RUSAGE: " + json.dumps({"maxrss_kb": ru.ru_maxrss, "vmhwm_kb": hwm,
           "utime_s": ru.ru_utime, "stime_s": ru.ru_stime}), file=sys.stderr, flush=True)
-sys.exit(rc)
+exit_promptly(rc)  # as the `stratafit` console script ends
 """
 
 

@@ -651,3 +651,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def entry() -> None:
+    """Console-script entry point (``stratafit``): :func:`main`, then :func:`exit_promptly`."""
+    exit_promptly(main())
+
+
+def exit_promptly(code: int) -> None:
+    """End the process with ``code`` without the interpreter's teardown.
+
+    When a command is done its results are committed, its files closed and its cluster
+    shut down; the interpreter's own teardown of the loaded libraries (dask, distributed,
+    pandas, pyarrow, scipy) would still take 0.2-0.3 s here, a tenth of a small job's wall
+    time. So a garbage collection and the exit handlers run (what a normal exit runs:
+    logging.shutdown, thread and process joins...), the standard streams are flushed,
+    then the process ends with ``os._exit``.
+    """
+    import atexit
+    import gc
+
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_exit_handlers is None:  # not CPython: the usual exit
+        sys.exit(code)
+    try:
+        gc.collect()  # finalizers of unreachable objects (__del__, weakref.finalize)
+        run_exit_handlers()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    except BrokenPipeError:  # the reader of stdout left (`stratafit results | head`)
+        pass
+    except Exception:  # pragma: no cover - a failing exit handler: keep the usual exit
+        sys.exit(code)
+    os._exit(code)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -220,6 +222,33 @@ def test_results_table_to_stdout(finished, capsys):
                  "--store", finished["url"]]) == EXIT_OK
     out = capsys.readouterr().out
     assert "(Intercept)" in out and "estimate" in out
+
+
+def _entry(*argv: str) -> subprocess.CompletedProcess:
+    """The console script's entry point (``service.cli:entry``, prompt exit) in a process."""
+    code = "import sys; from service.cli import entry; sys.argv[0] = 'stratafit'; entry()"
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_console_entry_exits_promptly_with_complete_output(finished, tmp_path):
+    """``entry`` ends the process with ``os._exit`` once the command is done: the exit code,
+    a written file and both standard streams must be complete all the same."""
+    job = str(finished["job"].id)
+    out = tmp_path / "coef.csv"
+    done = _entry("results", job, "--table", "coefficients", "--format", "csv", "--out", str(out),
+                  "--store", finished["url"])
+    assert done.returncode == EXIT_OK, done.stderr
+    stored = open_store(finished["url"]).read_table(finished["job"].id, "coefficients")
+    assert len(pd.read_csv(out)) == len(stored) > 0
+    shown = _entry("results", job, "--table", "ranef", "--format", "csv", "--store", finished["url"])
+    assert shown.returncode == EXIT_OK
+    ranef = open_store(finished["url"]).read_table(finished["job"].id, "ranef")
+    assert len(shown.stdout.strip().splitlines()) == len(ranef) + 1  # header and every row
+    status = _entry("status", job, "--store", finished["url"])
+    assert status.returncode == EXIT_OK and "succeeded_with_errors" in status.stdout
+    missing = _entry("status", "999", "--store", finished["url"])
+    assert missing.returncode == EXIT_USAGE and "job 999 not found" in missing.stderr
 
 
 def test_results_unknown_job(url, capsys):
