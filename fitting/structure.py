@@ -496,9 +496,8 @@ def build_structure(re_terms: tuple[ReTerm, ...], n: int) -> Structure:
     cols = np.tile(col_index, (1, K)).ravel()
     key = _unique_int(rows * q + cols, q * q)
     level = _build_level([(t.k, t.m) for t in terms], key // q, key % q)
-    ci_a = np.repeat(col_index[:, :, None], K, axis=2)
-    ci_b = np.repeat(col_index[:, None, :], K, axis=1)
-    gather, upper = level.index_both(ci_a.ravel(), ci_b.ravel())
+    # own-entry pairs (i, a, b) in observation-major order: rows/cols above are exactly that
+    gather, upper = level.index_both(rows, cols)
     btgt = np.where(upper, -1, gather)
     gather = gather.reshape(n, K, K)
     build_src = np.flatnonzero(btgt >= 0)
