@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy import stats
 
@@ -19,13 +18,11 @@ from fitting.errors import FamilyError, FittingError
 from fitting.frame import build_design
 from fitting.profile import profile_confint
 
+from ._designs import load as _load
+
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 R = json.loads((FIX / "lme4_inference.json").read_text())["cbpp"]
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
-
-
-def _load(name):
-    return pd.read_parquet(FIX / f"{name}.parquet")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy import integrate, special, stats
 
@@ -21,13 +20,11 @@ from fitting.frame import build_design
 from fitting.marginal import icc, latent_residual_variance, marginal_coef_values, marginal_coefs
 from fitting.profile import full_vcov
 
+from ._designs import load as _load
+
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 REF = json.loads((FIX / "lme4_expected.json").read_text())["fits"]
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
-
-
-def _load(name):
-    return pd.read_parquet(FIX / f"{name}.parquet")
 
 
 @pytest.fixture(scope="module")

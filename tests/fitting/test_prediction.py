@@ -5,7 +5,6 @@ the data's own columns (no design); marginal means against ``scipy.integrate.qua
 ``dblquad`` and the closed forms ``Phi(eta / sqrt(1 + sigma^2))`` (probit) and
 ``exp(eta + v / 2)`` (log link).
 """
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,12 +16,9 @@ from fitting.errors import FittingError
 from fitting.frame import build_design
 from fitting.prediction import marginal_mean, predict, re_covariances
 
-FIX = Path(__file__).resolve().parents[1] / "fixtures"
+from ._designs import load as _load
+
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
-
-
-def _load(name):
-    return pd.read_parquet(FIX / f"{name}.parquet")
 
 
 @pytest.fixture(scope="module")
