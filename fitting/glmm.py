@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import linalg
+from . import kernels, linalg
 from .errors import ConvergenceError
 from .response import Response, ResponseEval
 from .structure import Structure
@@ -203,10 +203,12 @@ def laplace_gradient(model: GlmmModel, pr: PirlsResult, jacobian: bool = False):
     V, u, ev, fac = pr.V, pr.u, pr.ev, pr.fac
     d1, dW, D2 = resp.derivatives(ev)
     # observation-major (K, n) arrays: Y[a] = Σ_b (A⁻¹)_(own a, own b) V[:, b]
-    Y = linalg.own_products(struct, V, linalg.inverse_buffer(struct, fac))
-    q_own = V[:, 0] * Y[0]
-    for a_ in range(1, struct.K):
-        q_own += V[:, a_] * Y[a_]
+    buf = linalg.inverse_buffer(struct, fac)
+    if struct.K == 1:
+        Y = linalg.own_products(struct, V, buf)
+        q_own = V[:, 0] * Y[0]
+    else:
+        Y, q_own = kernels.own_products(V, buf, struct.gather_tgt_t)
     c = dW * q_own
     b = struct.zt_times(V, c)
     facH = fac
@@ -216,11 +218,13 @@ def laplace_gradient(model: GlmmModel, pr: PirlsResult, jacobian: bool = False):
         except linalg.NotPositiveDefinite:
             facH = fac  # away from the mode the observed Hessian may be indefinite
     a = linalg.solve_A(struct, facH, b)
-    s = d1 + c - D2 * struct.z_times(V, a)
-    g_beta = X.T @ s
     cit = struct.col_index_t
-    uo = u[cit]  # (K, n)
-    M = uo * s + 2.0 * ev.W * Y - a[cit] * (0.5 * d1)
+    if struct.K == 1:
+        s = d1 + c - D2 * struct.z_times(V, a)
+        M = u[cit] * s + 2.0 * ev.W * Y - a[cit] * (0.5 * d1)
+    else:
+        s, M = kernels.gradient_rows(V, cit, u, a, d1, c, D2, ev.W, Y)
+    g_beta = X.T @ s
     g_theta = np.empty(struct.ntheta)
     for t, cols in zip(struct.terms, struct.term_cols):
         G = (M[cols] @ t.Z).T  # Z_t' M_t
@@ -233,6 +237,7 @@ def laplace_gradient(model: GlmmModel, pr: PirlsResult, jacobian: bool = False):
     Gz = np.empty((struct.q, nt + X.shape[1]))
     Gz[:, nt:] = struct.zt_times_matrix(V, D2[:, None] * X)
     half = 0.5 * d1
+    uo = u[cit]  # (K, n)
     for t, cols in zip(struct.terms, struct.term_cols):
         rows, cc = t.tril
         for j, (r_, c_) in enumerate(zip(rows, cc)):

@@ -231,8 +231,8 @@ def fit_glmm(design, fam, formula, ctl, t0) -> FitResult:
 
 def _fit_bfgs(design, fam, formula, ctl, t0) -> FitResult:
     """The whitened-BFGS Laplace fit (no post-fit checks yet)."""
-    resp = make_response(design.y, design.weights, design.offset, fam)
     struct = build_structure(design.re_terms, design.nobs)
+    resp = make_response(design.y, design.weights, design.offset, fam, fused=struct.K > 1)
     model = GlmmModel(struct, design.X, resp)
     nt, p = struct.ntheta, design.p
     tol = float(ctl["pirls_tol"])

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.linalg import lapack
 
+from . import kernels
 from .structure import Structure
 
 __all__ = [
@@ -121,6 +122,15 @@ def _chol_blocks(A11: np.ndarray, k1: int):
 def _factor_level(lv, buf: np.ndarray) -> Factor:
     """Factor the matrix ``I + M`` of one level, ``M`` given in the level's buffer layout."""
     k1, m1, r = lv.k1, lv.m1, lv.r
+    if k1 == 1 and lv.dense:
+        parts = kernels.factor_dense1(lv, buf)
+        if parts is not None:
+            linv, L21, D, ld1 = parts
+            if not np.isfinite(ld1):
+                raise NotPositiveDefinite("diagonal block not positive definite")
+            S = buf[lv.off_rest:].reshape(r, r) - D.T @ D
+            S[np.diag_indices(r)] += 1.0
+            return _factor_dense_rest(linv[:, None, None], L21[:, None], S, ld1)._replace(L21d=D)
     A11 = buf[: lv.off_cross].reshape(m1, k1, k1) + np.eye(k1)
     L11inv, ld1 = _chol_blocks(A11, k1)
     if not r:
@@ -206,12 +216,8 @@ def weighted_buffer(struct: Structure, V: np.ndarray, W: np.ndarray) -> np.ndarr
     """``Λ'Z' diag(W) ZΛ`` (no identity added) in the buffer layout of a structure with
     several own entries per observation (``K > 1``)."""
     if struct.build_ab is not None:
-        # V[:, a] W V[:, b] for the kept own-entry pairs, pair-major (contiguous columns)
-        WV = W[:, None] * V
-        vals = np.empty((struct.build_ab.shape[0], struct.n))
-        for j, (a, b) in enumerate(struct.build_ab):
-            np.multiply(V[:, a], WV[:, b], out=vals[j])
-        return np.bincount(struct.build_tgt_t, vals.ravel(), minlength=struct.level.nbuf)
+        # V[:, a] W V[:, b] for the kept own-entry pairs, pair-major
+        return kernels.weighted_buffer(V, W, struct.build_ab, struct.build_tgt_t, struct.level.nbuf)
     outer = (V[:, :, None] * (W[:, None] * V)[:, None, :]).ravel()
     return np.bincount(struct.build_tgt, outer[struct.build_src], minlength=struct.level.nbuf)
 
@@ -303,6 +309,10 @@ def _inverse_level(lv, fac: Factor) -> np.ndarray:
         if info != 0:  # pragma: no cover - L22 came from a successful dpotrf
             raise NotPositiveDefinite("dpotri failed")
         rest = (np.tril(Sinv) + np.tril(Sinv, -1).T).ravel()
+    if k1 == 1 and lv.dense:
+        out = kernels.inverse_dense1(lv, Li[:, 0, 0], fac.L21d, rest)
+        if out is not None:
+            return out
     Lp = np.take(Li, lv.pair_g, axis=0)
     C = np.einsum("pb,pbc->pc", fac.L21, Lp) if k1 > 1 else fac.L21 * Lp[:, 0]
     if lv.dense:
@@ -355,13 +365,7 @@ def own_products(struct: Structure, V: np.ndarray, buf: np.ndarray) -> np.ndarra
     ``buf``. ``Σ_a V[:, a] Y[a]`` is ``v_i'A⁻¹v_i``."""
     if struct.K == 1:
         return (buf[struct.col_index[:, 0]] * V[:, 0])[None, :]
-    gt = struct.gather_tgt_t
-    Y = np.empty((struct.K, struct.n))
-    for a in range(struct.K):
-        Y[a] = buf[gt[a, 0]] * V[:, 0]
-        for b in range(1, struct.K):
-            Y[a] += buf[gt[a, b]] * V[:, b]
-    return Y
+    return kernels.own_products(V, buf, struct.gather_tgt_t)[0]
 
 
 def own_inverse(struct: Structure, buf: np.ndarray) -> np.ndarray:

@@ -110,8 +110,8 @@ def fit_glmm_penalized(design, fam, formula, ctl, t0, scale: float = DEFAULT_PRI
     -------
     FitResult
     """
-    resp = make_response(design.y, design.weights, design.offset, fam)
     struct = build_structure(design.re_terms, design.nobs)
+    resp = make_response(design.y, design.weights, design.offset, fam, fused=struct.K > 1)
     model = GlmmModel(struct, design.X, resp)
     nt, p = struct.ntheta, design.p
     tol = float(ctl["pirls_tol"])

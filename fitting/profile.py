@@ -194,8 +194,9 @@ def deviance_function(fit, design: Design | None = None, nagq: int | None = None
         from .response import make_response
         from .structure import build_structure
 
-        model = GlmmModel(build_structure(design.re_terms, design.nobs), design.X,
-                          make_response(design.y, design.weights, design.offset, fam))
+        struct = build_structure(design.re_terms, design.nobs)
+        model = GlmmModel(struct, design.X, make_response(design.y, design.weights, design.offset,
+                                                          fam, fused=struct.K > 1))
         return Deviance(ntheta, 1, fam, model=model)
     from .agq import prepare_agq
 

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import kernels
 from .families import Family
 
 _EPS = np.finfo(float).eps
@@ -89,6 +90,7 @@ class Response:
     wy: np.ndarray | None = None  # w * y
     sat: float = 0.0  # 2 * Σ w (y η_sat - b(η_sat)): saturated term of the fast deviance
     unit: bool = False  # every prior weight is 1 (then W is V itself and Σ log needs no weights)
+    fused: bool = False  # closed forms by the compiled kernels of :mod:`fitting.kernels`
 
     @property
     def canonical(self) -> bool:
@@ -97,6 +99,11 @@ class Response:
     def evaluate(self, eta: np.ndarray) -> ResponseEval:
         """Family quantities at ``eta`` (non-finite deviance reported as ``inf``)."""
         kind = self.fast
+        if kind == "logit" and self.fused:
+            mu, v, lin, softplus = kernels.logit_response(eta, self.wy, self.weights, self.unit)
+            dev = -2.0 * (lin - softplus) - self.sat
+            return ResponseEval(eta, mu, v, v, v if self.unit else self.weights * v,
+                                dev if np.isfinite(dev) else np.inf)
         if kind == "logit":
             # mu = expit(eta), V = mu' = mu(1-mu); dev = -2 Σ w (y η - log(1 + e^η)) + c
             # one exp: e = exp(-|η|), μ = (η ≥ 0 ? 1 : e) / (1 + e), μ(1-μ) = e / (1 + e)² (no
@@ -165,8 +172,13 @@ class Response:
         return -0.5 * (dev + self.const)
 
 
-def make_response(y, weights, offset, family: Family) -> Response:
-    """Build a :class:`Response`, computing the constant of the log-likelihood."""
+def make_response(y, weights, offset, family: Family, *, fused: bool = False) -> Response:
+    """Build a :class:`Response`, computing the constant of the log-likelihood.
+
+    ``fused=True`` evaluates the canonical logit by :func:`fitting.kernels.logit_response`
+    (for models whose other passes use those kernels too: importing numba costs a few
+    tenths of a second per process, which a one-term model need not pay).
+    """
     y = np.asarray(y, dtype=float)
     w = np.asarray(weights, dtype=float)
     o = np.asarray(offset, dtype=float)
@@ -185,4 +197,4 @@ def make_response(y, weights, offset, family: Family) -> Response:
         b0 = np.logaddexp(0.0, eta0) if fast == "logit" else mu0
         dev0 = float(np.sum(dres0))
         sat = -2.0 * float((w * y) @ eta0 - w @ b0) - dev0
-    return Response(y, w, o, family, const, fast, w * y, sat, bool(np.all(w == 1.0)))
+    return Response(y, w, o, family, const, fast, w * y, sat, bool(np.all(w == 1.0)), fused)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
+from . import kernels
 from .design import ReTerm
 from .errors import DataError
 
@@ -367,18 +368,13 @@ class Structure:
         """``ZΛ u`` given ``V = zlambda(θ)``."""
         if self.K == 1:
             return V[:, 0] * u[self.col_index[:, 0]]
-        cit = self.col_index_t
-        out = V[:, 0] * u[cit[0]]
-        for a in range(1, self.K):
-            out += V[:, a] * u[cit[a]]
-        return out
+        return kernels.z_times(V, self.col_index_t, u)
 
     def zt_times(self, V: np.ndarray, v: np.ndarray) -> np.ndarray:
         """``Λ'Z' v`` for a vector ``v`` (n,)."""
         if self.K == 1:
             return np.bincount(self.col_index[:, 0], V[:, 0] * v, minlength=self.q)
-        Vv = np.asfortranarray(V * v[:, None])
-        return np.bincount(self.col_index_t.ravel(), Vv.ravel(order="F"), minlength=self.q)
+        return kernels.zt_times(V, self.col_index_t, v, self.q)
 
     def zt_times_matrix(self, V: np.ndarray, M: np.ndarray) -> np.ndarray:
         """``Λ'Z' M`` for a matrix ``M`` (n, c), shape (q, c) (a CSR product)."""

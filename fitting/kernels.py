@@ -1,0 +1,367 @@
+"""Fused per-observation kernels for models with several own entries per observation.
+
+A crossed model (``(1 | a) + (1 | b)``, or any structure with ``K > 1`` own entries of
+``ZΛ`` per observation) spends its time in a few passes over the observations that numpy
+can only write as chains of small kernels and ``bincount`` segment sums: ``ZΛu``,
+``Λ'Z'v``, the weighted cross-products ``Λ'Z'WZΛ`` in the buffer layout of
+:mod:`fitting.linalg`, and the closed-form logit response. Each of them is one loop here,
+compiled by numba (``cache=True``: compiled once per machine, loaded from ``__pycache__``
+afterwards).
+
+numba is imported only when one of these kernels is first needed (never by a model with
+one own entry per observation, such as ``(1 | g)``), and every kernel has a numpy twin
+giving the same numbers to rounding. The twins run when numba is not installed, or when
+the environment sets ``STRATAFIT_NUMBA=0``; the tests compare both.
+
+Functions
+---------
+z_times          ``ZΛ u`` from the own-entry rows ``V`` (n, K) and columns ``cit`` (K, n)
+zt_times         ``Λ'Z' v`` for a vector ``v`` (n,)
+weighted_buffer  ``V[:, a] W V[:, b]`` summed into buffer targets, for own-entry pairs (a, b)
+factor_dense1    the leading factor and cross block of a dense-rest level (``k1 = 1``)
+inverse_dense1   ``A⁻¹`` on the pattern of such a level
+own_products     ``A⁻¹ v_i`` on each observation's own columns and ``v_i'A⁻¹v_i``
+gradient_rows    the per-observation rows of the analytic Laplace gradient
+logit_response   μ, ``V(μ) = μ(1-μ)`` and the two sums of the logit deviance from η
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+__all__ = ["enabled", "z_times", "zt_times", "weighted_buffer", "own_products", "gradient_rows",
+           "factor_dense1", "inverse_dense1", "logit_response"]
+
+_EPS = float(np.finfo(float).eps)
+#: rows per block of the product of ``1 + e^{-|η|}`` factors before one ``log`` (as
+#: :func:`fitting.response.sum_log`)
+_LOG_BLOCK = 512
+
+_compiled = None  # module-level cache of the jitted kernels (a namespace), or False
+
+
+def enabled() -> bool:
+    """Whether the compiled kernels are in use (numba importable, not disabled)."""
+    return _jit() is not False
+
+
+def _jit():
+    global _compiled
+    if _compiled is None:
+        if os.environ.get("STRATAFIT_NUMBA", "1").strip().lower() in ("0", "false", "no", "off"):
+            _compiled = False
+        else:
+            try:
+                _compiled = _build()
+            except ImportError:
+                _compiled = False
+    return _compiled
+
+
+def _build():
+    from types import SimpleNamespace
+
+    from numba import njit
+
+    @njit(cache=True, nogil=True)
+    def z_times(V, cit, u):
+        n, K = V.shape
+        out = np.empty(n)
+        for i in range(n):
+            s = 0.0
+            for a in range(K):
+                s += V[i, a] * u[cit[a, i]]
+            out[i] = s
+        return out
+
+    @njit(cache=True, nogil=True)
+    def zt_times(V, cit, v, q):
+        n, K = V.shape
+        out = np.zeros(q)
+        for a in range(K):
+            for i in range(n):
+                out[cit[a, i]] += V[i, a] * v[i]
+        return out
+
+    @njit(cache=True, nogil=True)
+    def weighted_buffer(V, W, ab, tgt_t, nbuf):
+        n = V.shape[0]
+        out = np.zeros(nbuf)
+        for j in range(ab.shape[0]):
+            a = ab[j, 0]
+            b = ab[j, 1]
+            base = j * n
+            for i in range(n):
+                out[tgt_t[base + i]] += V[i, a] * W[i] * V[i, b]
+        return out
+
+    @njit(cache=True, nogil=True)
+    def logit_finish(eta, x, wy, w, unit):
+        # x = exp(-|η|) (computed by numpy's vectorised exp); μ = (η ≥ 0 ? 1 : x)/(1 + x),
+        # V = x/(1 + x)², Σ w softplus(η) = Σ w max(η, 0) + Σ w log(1 + x)
+        n = eta.shape[0]
+        mu = np.empty(n)
+        v = np.empty(n)
+        lin = 0.0
+        hinge = 0.0
+        logs = 0.0
+        prod = 1.0
+        for i in range(n):
+            e = eta[i]
+            xi = x[i]
+            ope = 1.0 + xi
+            r = 1.0 / ope
+            m = r if e >= 0.0 else xi * r
+            vi = xi * r * r
+            v[i] = vi if vi > _EPS else _EPS
+            mu[i] = min(max(m, _EPS), 1.0 - _EPS)
+            lin += wy[i] * e
+            if unit:
+                if e > 0.0:
+                    hinge += e
+                prod *= ope
+                if i % _LOG_BLOCK == _LOG_BLOCK - 1:
+                    logs += np.log(prod)
+                    prod = 1.0
+            else:
+                if e > 0.0:
+                    hinge += w[i] * e
+                logs += w[i] * np.log(ope)
+        logs += np.log(prod)
+        return mu, v, lin, hinge + logs
+
+    @njit(cache=True, nogil=True)
+    def own_products(V, buf, gt):
+        n, K = V.shape
+        Y = np.empty((K, n))
+        quad = np.empty(n)
+        for i in range(n):
+            t = 0.0
+            for a in range(K):
+                s = 0.0
+                for b in range(K):
+                    s += buf[gt[a, b, i]] * V[i, b]
+                Y[a, i] = s
+                t += V[i, a] * s
+            quad[i] = t
+        return Y, quad
+
+    @njit(cache=True, nogil=True)
+    def gradient_rows(V, cit, u, x, d1, c, D2, W, Y):
+        n, K = V.shape
+        s = np.empty(n)
+        M = np.empty((K, n))
+        for i in range(n):
+            zx = 0.0
+            for a in range(K):
+                zx += V[i, a] * x[cit[a, i]]
+            si = d1[i] + c[i] - D2[i] * zx
+            s[i] = si
+            h = 0.5 * d1[i]
+            w2 = 2.0 * W[i]
+            for a in range(K):
+                col = cit[a, i]
+                M[a, i] = u[col] * si + w2 * Y[a, i] - x[col] * h
+        return s, M
+
+    @njit(cache=True, nogil=True)
+    def factor_dense1(buf, m1, r, off_cross, pair_g, pair_j):
+        linv = np.empty(m1)
+        logdet = 0.0
+        for g in range(m1):
+            a = buf[g] + 1.0
+            if not a > 0.0 or not np.isfinite(a):
+                return linv, np.empty(0), np.empty((0, 0)), np.nan
+            l = np.sqrt(a)
+            linv[g] = 1.0 / l
+            logdet += 2.0 * np.log(l)
+        npairs = pair_g.size
+        L21 = np.empty(npairs)
+        D = np.zeros((m1, r))
+        for p in range(npairs):
+            g = pair_g[p]
+            v = buf[off_cross + p] * linv[g]
+            L21[p] = v
+            D[g, pair_j[p]] = v
+        return linv, L21, D, logdet
+
+    @njit(cache=True, nogil=True)
+    def inverse_dense1(linv, Cd, T, pair_g, pair_j, rest):
+        m1, r = Cd.shape
+        npairs = pair_g.size
+        out = np.empty(m1 + npairs + rest.size)
+        for g in range(m1):
+            s = linv[g] * linv[g]
+            for j in range(r):
+                s += T[g, j] * Cd[g, j]
+            out[g] = s
+        for p in range(npairs):
+            out[m1 + p] = -T[pair_g[p], pair_j[p]]
+        out[m1 + npairs:] = rest
+        return out
+
+    return SimpleNamespace(factor_dense1=factor_dense1, inverse_dense1=inverse_dense1, z_times=z_times, zt_times=zt_times, weighted_buffer=weighted_buffer,
+                           logit_finish=logit_finish, own_products=own_products,
+                           gradient_rows=gradient_rows)
+
+
+# ----------------------------------------------------------------------------- API
+def z_times(V: np.ndarray, cit: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """``Σ_a V[i, a] u[cit[a, i]]`` for every observation ``i``.
+
+    Parameters
+    ----------
+    V : ndarray (n, K)
+        Own-entry rows of ``ZΛ``.
+    cit : ndarray (K, n) of int
+        Column of ``u`` of each own entry.
+    u : ndarray (q,)
+    """
+    jit = _jit()
+    if jit:
+        return jit.z_times(V, cit, u)
+    out = V[:, 0] * u[cit[0]]
+    for a in range(1, V.shape[1]):
+        out += V[:, a] * u[cit[a]]
+    return out
+
+
+def zt_times(V: np.ndarray, cit: np.ndarray, v: np.ndarray, q: int) -> np.ndarray:
+    """``Λ'Z' v``: ``out[c] = Σ_{(i, a): cit[a, i] = c} V[i, a] v[i]``, shape (q,)."""
+    jit = _jit()
+    if jit:
+        return jit.zt_times(V, cit, v, q)
+    Vv = np.asfortranarray(V * v[:, None])
+    return np.bincount(cit.ravel(), Vv.ravel(order="F"), minlength=q)
+
+
+def weighted_buffer(V: np.ndarray, W: np.ndarray, ab: np.ndarray, tgt_t: np.ndarray,
+                    nbuf: int) -> np.ndarray:
+    """``out[tgt_t[j n + i]] += V[i, a_j] W[i] V[i, b_j]`` over pairs ``j`` and observations ``i``.
+
+    Parameters
+    ----------
+    ab : ndarray (npairs, 2) of int
+        The own-entry pairs ``(a_j, b_j)``.
+    tgt_t : ndarray (npairs * n,) of int
+        Buffer position of each pair and observation, pair-major.
+    nbuf : int
+        Buffer length.
+    """
+    jit = _jit()
+    if jit:
+        return jit.weighted_buffer(V, W, ab, tgt_t, nbuf)
+    WV = W[:, None] * V
+    vals = np.empty((ab.shape[0], V.shape[0]))
+    for j, (a, b) in enumerate(ab):
+        np.multiply(V[:, a], WV[:, b], out=vals[j])
+    return np.bincount(tgt_t, vals.ravel(), minlength=nbuf)
+
+
+def own_products(V: np.ndarray, buf: np.ndarray, gt: np.ndarray):
+    """``Y[a, i] = Σ_b buf[gt[a, b, i]] V[i, b]`` and ``quad[i] = Σ_a V[i, a] Y[a, i]``.
+
+    With ``buf`` the inverse of ``A`` on its pattern and ``gt`` (K, K, n) the buffer
+    positions of each observation's own block, ``Y[:, i]`` is ``A⁻¹ v_i`` on the own
+    columns and ``quad[i] = v_i'A⁻¹v_i``.
+
+    Returns
+    -------
+    Y : ndarray (K, n)
+    quad : ndarray (n,)
+    """
+    jit = _jit()
+    if jit:
+        return jit.own_products(V, buf, gt)
+    K = V.shape[1]
+    Y = np.empty((K, V.shape[0]))
+    for a in range(K):
+        Y[a] = buf[gt[a, 0]] * V[:, 0]
+        for b in range(1, K):
+            Y[a] += buf[gt[a, b]] * V[:, b]
+    quad = V[:, 0] * Y[0]
+    for a in range(1, K):
+        quad += V[:, a] * Y[a]
+    return Y, quad
+
+
+def gradient_rows(V, cit, u, x, d1, c, D2, W, Y):
+    """Per-observation rows of the Laplace gradient (:func:`fitting.glmm.laplace_gradient`).
+
+    Returns
+    -------
+    s : ndarray (n,)
+        ``d1 + c - D2 (ZΛx)``: ``X's`` is the β gradient.
+    M : ndarray (K, n)
+        ``u[own] s + 2 W Y - x[own] d1/2`` per own entry: the θ gradient is ``Z_t'M_t``.
+    """
+    jit = _jit()
+    if jit:
+        return jit.gradient_rows(V, cit, u, x, d1, c, D2, W, Y)
+    s = d1 + c - D2 * z_times(V, cit, x)
+    M = u[cit] * s + 2.0 * W * Y - x[cit] * (0.5 * d1)
+    return s, M
+
+
+def factor_dense1(lv, buf: np.ndarray):
+    """The leading blocks and the cross block of a dense-rest level with ``k1 = 1`` (one
+    scalar random effect per leading level, as the first term of ``(1 | a) + (1 | b)``).
+
+    Returns ``None`` when numba is not in use (the caller then takes its numpy path), else
+    ``(L11inv (m1,), L21 (npairs,), L21 dense (m1, r), log|L11|²)``, with a NaN
+    log-determinant when a leading block is not positive. The caller forms the Schur
+    complement with one BLAS product ``L21'L21``.
+    """
+    jit = _jit()
+    if not jit:
+        return None
+    return jit.factor_dense1(buf, lv.m1, lv.r, lv.off_cross, lv.pair_g, lv.pair_j)
+
+
+def inverse_dense1(lv, linv: np.ndarray, D: np.ndarray, rest: np.ndarray):
+    """``A⁻¹`` on the pattern of a dense-rest level with ``k1 = 1``, in its buffer layout.
+
+    With ``C = L21 L11⁻¹`` (dense, ``D`` scaled by ``linv`` per row) and ``S⁻¹`` the
+    inverse Schur complement (``rest``, r × r flattened): diagonal ``linv² + (C S⁻¹ C')_gg``,
+    cross ``-(C S⁻¹)`` on the pairs, then ``S⁻¹``. Returns ``None`` without numba.
+    """
+    jit = _jit()
+    if not jit:
+        return None
+    Cd = D * linv[:, None]
+    T = Cd @ rest.reshape(lv.r, lv.r)
+    return jit.inverse_dense1(linv, Cd, T, lv.pair_g, lv.pair_j, rest)
+
+
+def logit_response(eta: np.ndarray, wy: np.ndarray, w: np.ndarray, unit: bool):
+    """The closed-form logit response at ``eta``.
+
+    Returns
+    -------
+    mu : ndarray
+        ``expit(η)`` clipped to ``[ε, 1 - ε]``.
+    v : ndarray
+        ``μ(1 - μ)`` computed as ``e^{-|η|}/(1 + e^{-|η|})²`` (no cancellation), at least ``ε``.
+    lin : float
+        ``Σ w y η``.
+    softplus : float
+        ``Σ w log(1 + e^η)``.
+    """
+    x = np.abs(eta)
+    np.negative(x, out=x)
+    np.exp(x, out=x)  # numpy's vectorised exp: faster than a scalar exp in the loop
+    jit = _jit()
+    if jit:
+        return jit.logit_finish(eta, x, wy, w, unit)
+    from .response import sum_log
+
+    ope = x + 1.0
+    mu = np.where(eta >= 0.0, 1.0, x)
+    mu /= ope
+    v = ope * ope
+    np.divide(x, v, out=v)
+    np.maximum(v, _EPS, out=v)
+    np.clip(mu, _EPS, 1.0 - _EPS, out=mu)
+    softplus = float(w @ np.maximum(eta, 0.0)) + sum_log(ope, None if unit else w)
+    return mu, v, float(wy @ eta), softplus

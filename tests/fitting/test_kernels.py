@@ -1,0 +1,196 @@
+"""Compiled kernels (fitting.kernels) against their numpy twins, and fits with either."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fitting
+from fitting import kernels, linalg
+from fitting.families import get_family
+from fitting.frame import build_design
+from fitting.response import make_response
+from fitting.structure import build_structure
+
+
+
+@contextmanager
+def numpy_twins():
+    """Run the block with the numpy twins of the kernels."""
+    saved = kernels._jit()
+    kernels._compiled = False
+    try:
+        yield
+    finally:
+        kernels._compiled = saved
+
+
+def _frame(seed, n=900, na=40, nb=7, slope=False):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, na, n)
+    b = rng.integers(0, nb, n)
+    x = rng.normal(size=n)
+    eta = -0.2 + 0.6 * x + rng.normal(0, 0.9, na)[a] * (1 + 0.5 * x * slope) + rng.normal(0, 0.5, nb)[b]
+    return pd.DataFrame({
+        "y": rng.binomial(1, 1 / (1 + np.exp(-eta))),
+        "k": rng.binomial(6, 1 / (1 + np.exp(-eta))),
+        "x": x,
+        "a": pd.Categorical([f"a{i}" for i in a]),
+        "b": pd.Categorical([f"b{i}" for i in b]),
+    })
+
+
+LAYOUTS = {
+    "crossed": "y ~ x + (1 | a) + (1 | b)",  # K = 2, dense rest, k1 = 1
+    "vector": "y ~ x + (x | a) + (1 | b)",  # K = 3, dense rest, k1 = 2
+    "nested": "y ~ x + (1 | b/a)",  # K = 2, a:b leading
+}
+
+
+def _pieces(formula, seed=3):
+    df = _frame(seed, slope="(x |" in formula)
+    des = build_design(formula, df, "binomial", weights=None, offset=None, na_action="error")
+    st = build_structure(des.re_terms, des.nobs)
+    rng = np.random.default_rng(seed)
+    theta = np.where(st.diag_theta, 0.8, 0.2)
+    V = st.zlambda(theta)
+    u = rng.normal(0, 0.7, st.q)
+    W = rng.uniform(0.05, 0.25, st.n)
+    return st, V, u, W, des
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_structure_products_match_numpy(layout):
+    st, V, u, W, _ = _pieces(LAYOUTS[layout])
+    assert st.K > 1
+    v = np.random.default_rng(1).normal(size=st.n)
+    got = (st.z_times(V, u), st.zt_times(V, v), linalg.weighted_buffer(st, V, W))
+    with numpy_twins():
+        want = (st.z_times(V, u), st.zt_times(V, v), linalg.weighted_buffer(st, V, W))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-13)
+    # and against dense Z Λ
+    ZL = np.zeros((st.n, st.q))
+    np.add.at(ZL, (np.repeat(np.arange(st.n), st.K), st.col_index.ravel()), V.ravel())
+    np.testing.assert_allclose(got[0], ZL @ u, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got[1], ZL.T @ v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_factor_and_inverse_match_numpy_and_dense(layout):
+    st, V, u, W, _ = _pieces(LAYOUTS[layout])
+    fac = linalg.factorize(st, V, W)
+    buf = linalg.inverse_buffer(st, fac)
+    Y, quad = kernels.own_products(V, buf, st.gather_tgt_t)
+    with numpy_twins():
+        fac0 = linalg.factorize(st, V, W)
+        buf0 = linalg.inverse_buffer(st, fac0)
+        Y0, quad0 = kernels.own_products(V, buf0, st.gather_tgt_t)
+    assert fac.logdet == pytest.approx(fac0.logdet, rel=1e-13)
+    np.testing.assert_allclose(buf, buf0, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(Y, Y0, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(quad, quad0, rtol=1e-11, atol=1e-13)
+    ZL = np.zeros((st.n, st.q))
+    np.add.at(ZL, (np.repeat(np.arange(st.n), st.K), st.col_index.ravel()), V.ravel())
+    A = ZL.T @ (W[:, None] * ZL) + np.eye(st.q)
+    Ainv = np.linalg.inv(A)
+    assert fac.logdet == pytest.approx(np.linalg.slogdet(A)[1], rel=1e-12)
+    np.testing.assert_allclose(quad, np.einsum("iq,qr,ir->i", ZL, Ainv, ZL), rtol=1e-10)
+    b = np.random.default_rng(2).normal(size=st.q)
+    np.testing.assert_allclose(linalg.solve_A(st, fac, b), Ainv @ b, rtol=1e-10, atol=1e-12)
+
+
+def test_factor_reports_a_non_positive_leading_block():
+    st, V, u, W, _ = _pieces(LAYOUTS["crossed"])
+    W = W.copy()
+    W[st.col_index[:, 0] == 0] = -50.0  # the first leading block 1 + Σ W v² < 0
+    with pytest.raises(linalg.NotPositiveDefinite, match="diagonal block"):
+        linalg.factorize(st, V, W)
+
+
+def test_gradient_rows_match_numpy():
+    st, V, u, W, _ = _pieces(LAYOUTS["vector"])
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=st.q)
+    d1, c, D2 = rng.normal(size=(3, st.n))
+    Y = rng.normal(size=(st.K, st.n))
+    s, M = kernels.gradient_rows(V, st.col_index_t, u, x, d1, c, D2, W, Y)
+    with numpy_twins():
+        s0, M0 = kernels.gradient_rows(V, st.col_index_t, u, x, d1, c, D2, W, Y)
+    np.testing.assert_allclose(s, s0, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(M, M0, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_logit_response_matches_the_numpy_response(weighted):
+    rng = np.random.default_rng(11)
+    n = 2000  # several blocks of the Σ log product, and a partial one
+    eta = np.concatenate([rng.normal(0, 3, n - 4), [0.0, -745.0, 40.0, -40.0]])
+    size = rng.integers(1, 9, n) if weighted else np.ones(n)
+    y = rng.binomial(size.astype(int), 0.4) / size
+    fam = get_family("binomial", None)
+    fused = make_response(y, size, np.zeros(n), fam, fused=True).evaluate(eta)
+    plain = make_response(y, size, np.zeros(n), fam).evaluate(eta)
+    for name in ("mu", "var", "W"):
+        np.testing.assert_allclose(getattr(fused, name), getattr(plain, name), rtol=1e-14, atol=1e-300)
+    assert fused.dev == pytest.approx(plain.dev, rel=1e-12)
+    with numpy_twins():
+        twin = make_response(y, size, np.zeros(n), fam, fused=True).evaluate(eta)
+    assert twin.dev == pytest.approx(plain.dev, rel=1e-12)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_fit_is_the_same_with_either_kernels(layout):
+    df = _frame(8, slope="(x |" in LAYOUTS[layout])
+    res = fitting.fit(LAYOUTS[layout], df, family="binomial")
+    with numpy_twins():
+        ref = fitting.fit(LAYOUTS[layout], df, family="binomial")
+    assert res.loglik == pytest.approx(ref.loglik, abs=1e-8)
+    np.testing.assert_allclose(res.fixed["estimate"], ref.fixed["estimate"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(res.fixed["std_error"], ref.fixed["std_error"], rtol=1e-5)
+    np.testing.assert_allclose(res.theta, ref.theta, rtol=1e-5, atol=1e-7)
+
+
+def test_binomial_totals_fit_is_the_same_with_either_kernels():
+    df = _frame(9)
+    df["n"] = 6
+    res = fitting.fit("cbind(k, n - k) ~ x + (1 | a) + (1 | b)", df, family="binomial")
+    with numpy_twins():
+        ref = fitting.fit("cbind(k, n - k) ~ x + (1 | a) + (1 | b)", df, family="binomial")
+    assert res.loglik == pytest.approx(ref.loglik, abs=1e-8)
+    np.testing.assert_allclose(res.fixed["std_error"], ref.fixed["std_error"], rtol=1e-5)
+
+
+def _kernels_state(env: dict) -> str:
+    code = ("import fitting.kernels as k; import sys; "
+            "print(k.enabled(), 'numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip()
+
+
+def test_switch_off_by_environment_and_lazy_import():
+    import os
+
+    env = dict(os.environ)
+    env["STRATAFIT_NUMBA"] = "0"
+    assert _kernels_state(env) == "False False"
+    env["STRATAFIT_NUMBA"] = "1"
+    assert _kernels_state(env) == "True True"
+
+
+def test_one_term_fit_does_not_import_numba():
+    # a (1 | g) model never needs the kernels: worker processes do not pay numba's import
+    code = ("import sys, numpy as np, pandas as pd, fitting\n"
+            "rng = np.random.default_rng(0)\n"
+            "g = rng.integers(0, 20, 400)\n"
+            "df = pd.DataFrame({'y': rng.binomial(1, 0.4, 400), 'x': rng.normal(size=400),"
+            " 'g': [f'g{i}' for i in g]})\n"
+            "fitting.fit('y ~ x + (1 | g)', df, family='binomial')\n"
+            "print('numba' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
