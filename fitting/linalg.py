@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import math
+
 import numpy as np
 from scipy.linalg import lapack
 
@@ -126,10 +128,10 @@ def _factor_level(lv, buf: np.ndarray) -> Factor:
         parts = kernels.factor_dense1(lv, buf)
         if parts is not None:
             linv, L21, D, ld1 = parts
-            if not np.isfinite(ld1):
+            if not math.isfinite(ld1):
                 raise NotPositiveDefinite("diagonal block not positive definite")
             S = buf[lv.off_rest:].reshape(r, r) - D.T @ D
-            S[np.diag_indices(r)] += 1.0
+            _add_identity(S)
             return _factor_dense_rest(linv[:, None, None], L21[:, None], S, ld1)._replace(L21d=D)
     A11 = buf[: lv.off_cross].reshape(m1, k1, k1) + np.eye(k1)
     L11inv, ld1 = _chol_blocks(A11, k1)
@@ -144,7 +146,7 @@ def _factor_level(lv, buf: np.ndarray) -> Factor:
         D[lv.pair_dense] = L21
         D = D.reshape(lv.q1, r)
         S = buf[lv.off_rest:].reshape(r, r) - D.T @ D
-        S[np.diag_indices(r)] += 1.0
+        _add_identity(S)
         return _factor_dense_rest(L11inv, L21, S, ld1)._replace(L21d=D)
     if k1 > 1:
         prod = np.einsum("pk,pk->p", L21[lv.pp_a], L21[lv.pp_b])
@@ -159,15 +161,24 @@ def _factor_level(lv, buf: np.ndarray) -> Factor:
         sub = _factor_level(lv.sub, rest)
         return Factor(L11inv, L21, None, sub, float(ld1 + sub.logdet))
     S = rest.reshape(r, r)
-    S[np.diag_indices(r)] += 1.0
+    _add_identity(S)
     return _factor_dense_rest(L11inv, L21, S, ld1)
+
+
+def _add_identity(S: np.ndarray) -> None:
+    """``S += I`` in place (a strided view of the diagonal when ``S`` is contiguous: cheaper
+    than fancy indexing with ``diag_indices`` on these small matrices)."""
+    if S.flags.c_contiguous or S.flags.f_contiguous:
+        S.reshape(-1, order="A")[:: S.shape[0] + 1] += 1.0
+    else:
+        S[np.diag_indices(S.shape[0])] += 1.0
 
 
 def _factor_dense_rest(L11inv, L21, S, ld1) -> Factor:
     L22, info = lapack.dpotrf(S, lower=1, clean=1, overwrite_a=1)
     if info != 0:
         raise NotPositiveDefinite("Schur complement not positive definite")
-    return Factor(L11inv, L21, L22, None, float(ld1 + 2.0 * np.log(np.diagonal(L22)).sum()))
+    return Factor(L11inv, L21, L22, None, float(ld1 + 2.0 * np.log(np.diag(L22)).sum()))
 
 
 def factorize(struct: Structure, V: np.ndarray, W: np.ndarray) -> Factor:
