@@ -334,8 +334,14 @@ def inverse_dense1(lv, linv: np.ndarray, D: np.ndarray, rest: np.ndarray):
     return jit.inverse_dense1(linv, Cd, T, lv.pair_g, lv.pair_j, rest)
 
 
-def logit_response(eta: np.ndarray, wy: np.ndarray, w: np.ndarray, unit: bool):
+def logit_response(eta: np.ndarray, wy: np.ndarray, w: np.ndarray, unit: bool, *,
+                   compiled: bool = True):
     """The closed-form logit response at ``eta``.
+
+    ``μ = (η ≥ 0 ? 1 : e)/(1 + e)`` and ``μ(1-μ) = e/(1 + e)²`` with ``e = exp(-|η|)``
+    (one ``exp``, no cancellation on either side), ``log(1 + e^η) = max(η, 0) + log(1 + e)``
+    summed by :func:`fitting.response.sum_log` (or its blocked twin in the loop).
+    ``compiled=False`` takes the numpy twin (what a model without the kernels uses).
 
     Returns
     -------
@@ -351,7 +357,7 @@ def logit_response(eta: np.ndarray, wy: np.ndarray, w: np.ndarray, unit: bool):
     x = np.abs(eta)
     np.negative(x, out=x)
     np.exp(x, out=x)  # numpy's vectorised exp: faster than a scalar exp in the loop
-    jit = _jit()
+    jit = _jit() if compiled else False
     if jit:
         return jit.logit_finish(eta, x, wy, w, unit)
     from .response import sum_log

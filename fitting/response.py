@@ -99,27 +99,12 @@ class Response:
     def evaluate(self, eta: np.ndarray) -> ResponseEval:
         """Family quantities at ``eta`` (non-finite deviance reported as ``inf``)."""
         kind = self.fast
-        if kind == "logit" and self.fused:
-            mu, v, lin, softplus = kernels.logit_response(eta, self.wy, self.weights, self.unit)
-            dev = -2.0 * (lin - softplus) - self.sat
-            return ResponseEval(eta, mu, v, v, v if self.unit else self.weights * v,
-                                dev if np.isfinite(dev) else np.inf)
         if kind == "logit":
-            # mu = expit(eta), V = mu' = mu(1-mu); dev = -2 Σ w (y η - log(1 + e^η)) + c
-            # one exp: e = exp(-|η|), μ = (η ≥ 0 ? 1 : e) / (1 + e), μ(1-μ) = e / (1 + e)² (no
-            # cancellation on either side), log(1 + e^η) = max(η, 0) + log(1 + e) summed by sum_log
-            e = np.abs(eta)
-            np.negative(e, out=e)
-            np.exp(e, out=e)
-            ope = e + 1.0
-            mu = np.where(eta >= 0.0, 1.0, e)
-            mu /= ope
-            v = ope * ope
-            np.divide(e, v, out=v)
-            np.maximum(v, _EPS, out=v)
-            np.clip(mu, _EPS, 1.0 - _EPS, out=mu)
-            softplus = self.weights @ np.maximum(eta, 0.0) + sum_log(ope, None if self.unit else self.weights)
-            dev = -2.0 * (float(self.wy @ eta) - softplus) - self.sat
+            # μ = expit(η), V = μ(1-μ); dev = -2 Σ w (y η - log(1 + e^η)) + c, from one
+            # exp(-|η|) (kernels.logit_response: no cancellation on either side of 0)
+            mu, v, lin, softplus = kernels.logit_response(eta, self.wy, self.weights, self.unit,
+                                                          compiled=self.fused)
+            dev = -2.0 * (lin - softplus) - self.sat
             return ResponseEval(eta, mu, v, v, v if self.unit else self.weights * v,
                                 dev if np.isfinite(dev) else np.inf)
         if kind == "log":
