@@ -46,7 +46,7 @@ import pandas as pd
 from .api import CONTROL_DEFAULTS, check_control, check_method, single_thread_blas, fit_design
 from .batch_checks import chunk_checks
 from .batch_kernels import row_kernel
-from .batch_newton import glm_start, moment_theta, newton
+from .batch_newton import glm_start, moment_theta, moment_theta_vector, newton
 from .batch_results import build_result, chunk_tables, finish_chunk
 from .batch_stack import stack_designs, tril_layout
 from .errors import ConvergenceError, FittingError
@@ -300,6 +300,9 @@ def _fit_chunk(chunk: list, fam, formula: str, ctl: dict, reml, method) -> dict:
     if k == 1 and not given.all():  # the same start as fit() (fitting.newton_fit)
         mom = moment_theta(st, kern, z0[:, nt:], THETA_START)
         z0[~given, 0] = mom[~given]
+    elif not given.all():
+        mom = moment_theta_vector(st, kern, z0[:, nt:], np.where(rows == cols, THETA_START, 0.0))
+        z0[~given, :nt] = mom[~given]
     res = newton(st, kern, z0.copy(), maxiter=min(int(ctl["maxiter"]), _MAX_NEWTON), rx=ctl["se"] == "rx")
     fin = finish_chunk(st, kern, res, se=ctl["se"], singular_tol=float(ctl["check_singular_tol"]))
     t_num = time.perf_counter() - t0

@@ -21,9 +21,9 @@ import numpy as np
 from .batch_kernels import RowKernel
 from .batch_laplace import BatchEval, evaluate, strata_gram, strata_sums
 from .batch_stack import Stack
-from .fitcommon import moment_sd
+from .fitcommon import moment_cov_theta, moment_sd
 
-__all__ = ["NewtonResult", "newton", "glm_start", "moment_theta", "solve_stack", "directions", "LAMBDA2_TOL", "GRAD_TOL",
+__all__ = ["NewtonResult", "newton", "glm_start", "moment_theta", "moment_theta_vector", "solve_stack", "directions", "LAMBDA2_TOL", "GRAD_TOL",
            "ARMIJO", "MAX_BACKTRACK", "MAX_STEP"]
 
 #: converged when the Newton decrement ``g'H⁻¹g`` is below this (deviance units) ...
@@ -326,6 +326,35 @@ def moment_theta(st: Stack, kern: RowKernel, beta: np.ndarray, default: float) -
         var = st.groups_by_stratum(b2) / np.maximum(cnt, 1.0)
         theta = moment_sd(var)
     return np.where((cnt >= 2) & np.isfinite(theta), theta, default)
+
+
+def moment_theta_vector(st: Stack, kern: RowKernel, beta: np.ndarray, default: np.ndarray) -> np.ndarray:
+    """Start θ of a vector-valued term (``k > 1``) for every stratum, by moments.
+
+    :func:`fitting.fitcommon.moment_cov_theta` at ``η = Xβ + offset`` (the GLM start):
+    the matrix version of :func:`moment_theta`. On Contraception ``(urban | district)``
+    it starts at θ = (0.62, -0.77, 0.46) for an optimum of (0.62, -0.58, 0.45), and the
+    Newton fit takes 5 evaluations instead of 7 from ``0.5 I``.
+
+    Returns
+    -------
+    ndarray (S, nt)
+    """
+    k = st.k
+    eta = st.off.copy()
+    for j in range(st.p):
+        eta += st.X[j] * st.strata_to_rows(beta[:, j])
+    with np.errstate(all="ignore"):
+        W, sc, _, _ = kern.basic(eta, st.y, st.w_arg, st.c_arg, deviance=False)
+        Z = st.Z
+        G = np.empty((st.G, k, k))
+        for a in range(k):
+            WZa = W * Z[a]
+            for b in range(a + 1):
+                G[:, a, b] = G[:, b, a] = st.by_group(WZa * Z[b])
+        s = np.stack([st.by_group(sc * Z[a]) for a in range(k)], axis=1)
+    strata = np.repeat(np.arange(st.S), st.group_count)
+    return moment_cov_theta(G, s, strata, st.S, default)
 
 
 def _xtwx(st: Stack, W: np.ndarray) -> np.ndarray:

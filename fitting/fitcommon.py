@@ -6,7 +6,7 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
-__all__ = ["SNAP", "LOOSE_GTOL", "moment_sd", "start_vector", "ngroups", "information_criteria", "vcov_frame",
+__all__ = ["SNAP", "LOOSE_GTOL", "moment_sd", "moment_cov_theta", "start_vector", "ngroups", "information_criteria", "vcov_frame",
            "names_index", "is_pd", "newton_step", "zero_small_diagonals", "full_vcov_frame"]
 
 #: a diagonal θ below this in absolute value is tried at exactly 0
@@ -24,6 +24,62 @@ def moment_sd(var):
     ``var <= 0``). Shared by the Newton paths (:func:`fitting.batch_newton.moment_theta`)
     and the BFGS path (:func:`fitting.glmm_fit.moment_theta_start`)."""
     return np.clip(np.sqrt(np.maximum(var, MOMENT_FLOOR ** 2)), MOMENT_FLOOR, MOMENT_CAP)
+
+
+def moment_cov_theta(G: np.ndarray, s: np.ndarray, strata: np.ndarray, n_strata: int,
+                     default: np.ndarray) -> np.ndarray:
+    """Start θ of a vector-valued term (``k > 1``) by moments, for every stratum.
+
+    The matrix version of :func:`moment_sd`'s estimate. At the GLM fit, each group's
+    ``G_g = Σ W z z'`` and ``s_g = Σ score · z`` give ``b̂_g = G_g⁻¹ s_g`` with sampling
+    covariance ``G_g⁻¹``. The mean over a stratum's groups of ``b̂_g b̂_g' - G_g⁻¹``
+    estimates the random effects' covariance Σ. Its eigenvalues are clipped to
+    [:data:`MOMENT_FLOOR`², :data:`MOMENT_CAP`²] and θ is read off the Cholesky factor of
+    the result (lme4's column-major lower triangle). Groups whose ``G_g`` is singular
+    (a slope column constant within the group, such as a district with no urban rows)
+    are left out.
+
+    Parameters
+    ----------
+    G : ndarray (m, k, k)
+    s : ndarray (m, k)
+    strata : ndarray (m,) of int
+        Stratum of every group.
+    n_strata : int
+    default : ndarray (nt,)
+        θ where the estimate cannot be formed (fewer than two usable groups).
+
+    Returns
+    -------
+    ndarray (n_strata, nt)
+    """
+    m, k, _ = G.shape
+    rows = np.array([r for c in range(k) for r in range(c, k)])
+    cols = np.array([c for c in range(k) for r in range(c, k)])
+    out = np.tile(np.asarray(default, dtype=float), (n_strata, 1))
+    with np.errstate(all="ignore"):
+        finite = np.all(np.isfinite(G), axis=(1, 2)) & np.all(np.isfinite(s), axis=1)
+        Gf = np.where(finite[:, None, None], G, np.eye(k))
+        lam = np.linalg.eigvalsh(Gf)
+        ok = finite & (lam[:, -1] > 0) & (lam[:, 0] > 1e-8 * lam[:, -1])
+        if not ok.any():
+            return out
+        Gi = np.linalg.inv(Gf[ok])
+        b = np.einsum("gab,gb->ga", Gi, s[ok])
+        c = (b[:, :, None] * b[:, None, :] - Gi).reshape(-1, k * k)
+        where = strata[ok]
+        cnt = np.bincount(where, minlength=n_strata)
+        sums = np.stack([np.bincount(where, c[:, e], minlength=n_strata) for e in range(k * k)], axis=1)
+        sig = sums.reshape(n_strata, k, k) / np.maximum(cnt, 1)[:, None, None]
+        sig = 0.5 * (sig + np.swapaxes(sig, 1, 2))
+        good = (cnt >= 2) & np.all(np.isfinite(sig), axis=(1, 2))
+        if not good.any():
+            return out
+        w, U = np.linalg.eigh(sig[good])
+        w = np.clip(w, MOMENT_FLOOR ** 2, MOMENT_CAP ** 2)
+        L = np.linalg.cholesky((U * w[:, None, :]) @ np.swapaxes(U, 1, 2))
+        out[good] = L[:, rows, cols]
+    return out
 
 
 def start_vector(ctl, key, size, what):

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import inference, linalg
 from .errors import ConvergenceError
-from .fitcommon import (LOOSE_GTOL, full_vcov_frame, moment_sd, information_criteria, is_pd, newton_step,
+from .fitcommon import (LOOSE_GTOL, full_vcov_frame, moment_cov_theta, moment_sd, information_criteria, is_pd, newton_step,
                         ngroups, start_vector, vcov_frame, zero_small_diagonals)
 from .glm import fit_glm
 from .glmm import GlmmModel, laplace, laplace_gradient, pirls
@@ -133,8 +133,9 @@ def moment_theta_start(struct, resp, eta: np.ndarray) -> np.ndarray:
     term's random effect (a method-of-moments start, biased low by the GLM's
     attenuation). On the crossed benchmark model it starts at θ = (0.65, 0.37) for an
     optimum of (0.74, 0.42), instead of (0.5, 0.5). Terms with no evidence (an estimate
-    below ``0.1²``) start at 0.1, off the symmetric stationary point θ = 0; vector-valued
-    terms start at ``THETA_START_SCALE`` times the identity.
+    below ``0.1²``) start at 0.1, off the symmetric stationary point θ = 0. Vector-valued
+    terms take the matrix version (:func:`fitting.fitcommon.moment_cov_theta`), or
+    ``THETA_START_SCALE`` times the identity when it cannot be formed.
     """
     theta = THETA_START_SCALE * struct.theta_start()
     ev = resp.evaluate(eta)
@@ -143,6 +144,13 @@ def moment_theta_start(struct, resp, eta: np.ndarray) -> np.ndarray:
         return theta
     for t in struct.terms:
         if t.k != 1:
+            G = np.empty((t.m, t.k, t.k))
+            for a in range(t.k):
+                for b in range(a + 1):
+                    G[:, a, b] = G[:, b, a] = np.bincount(t.codes, W * t.Z[:, a] * t.Z[:, b], minlength=t.m)
+            sv = np.stack([np.bincount(t.codes, score * t.Z[:, a], minlength=t.m) for a in range(t.k)], axis=1)
+            sl = slice(t.theta_offset, t.theta_offset + t.ntheta)
+            theta[sl] = moment_cov_theta(G, sv, np.zeros(t.m, dtype=np.int64), 1, theta[sl])[0]
             continue
         z = t.Z[:, 0]
         den = np.bincount(t.codes, W * z * z, minlength=t.m)

@@ -29,7 +29,8 @@ import numpy as np
 from .batch_kernels import RowKernel, row_kernel
 from .batch_laplace import BatchEval, evaluate
 from .batch_newton import (ARMIJO, GRAD_TOL, LAMBDA2_TOL, MAX_BACKTRACK, MAX_STEP, NewtonResult,
-                           directions, glm_start, moment_theta)
+                           directions, glm_start, moment_theta,
+                           moment_theta_vector)
 from .batch_results import chunk_tables, finish_chunk, theta_names
 from .batch_stack import Stack, stack_designs, tril_layout
 from .fitcommon import full_vcov_frame, information_criteria, start_vector, vcov_frame
@@ -193,6 +194,8 @@ def fit_glmm_newton(design, fam, formula: str, ctl: dict, t0: float) -> FitResul
                 theta0 = np.where(rows == cols, THETA_START_SCALE, 0.0)
                 if k == 1 and np.all(np.isfinite(beta0)):  # the same start as fit_many
                     theta0 = moment_theta(st, kern, beta0[None, :], THETA_START_SCALE)
+                elif np.all(np.isfinite(beta0)):
+                    theta0 = moment_theta_vector(st, kern, beta0[None, :], theta0)[0]
             z0 = np.concatenate([theta0, beta0])
             if not np.all(np.isfinite(z0)):
                 return None
