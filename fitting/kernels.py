@@ -15,6 +15,7 @@ the environment sets ``STRATAFIT_NUMBA=0``; the tests compare both.
 
 Functions
 ---------
+warm             compile or load every kernel once (deployment images run it at build time)
 z_times          ``ZΛ u`` from the own-entry rows ``V`` (n, K) and columns ``cit`` (K, n)
 zt_times         ``Λ'Z' v`` for a vector ``v`` (n,)
 weighted_buffer  ``V[:, a] W V[:, b]`` summed into buffer targets, for own-entry pairs (a, b)
@@ -30,7 +31,7 @@ import os
 
 import numpy as np
 
-__all__ = ["enabled", "z_times", "zt_times", "weighted_buffer", "own_products", "gradient_rows",
+__all__ = ["enabled", "warm", "z_times", "zt_times", "weighted_buffer", "own_products", "gradient_rows",
            "factor_dense1", "inverse_dense1", "logit_response"]
 
 _EPS = float(np.finfo(float).eps)
@@ -39,6 +40,37 @@ _EPS = float(np.finfo(float).eps)
 _LOG_BLOCK = 512
 
 _compiled = None  # module-level cache of the jitted kernels (a namespace), or False
+
+
+def warm() -> dict:
+    """Compile (or load from the cache) every kernel with the argument types real fits use.
+
+    Fits a small crossed logistic model, ``y ~ x + (1 | a) + (1 | b)``, through
+    :func:`fitting.fit`: what a deployment image runs once at build time (see
+    ``deploy/Dockerfile``) so that its workers load the kernels instead of compiling them.
+
+    Returns
+    -------
+    dict
+        Kernel name -> number of compiled signatures (empty without numba).
+    """
+    jit = _jit()
+    if not jit:
+        return {}
+    import pandas as pd
+
+    from .api import fit
+
+    rng = np.random.default_rng(0)
+    n = 240
+    a = rng.integers(0, 12, n)
+    b = rng.integers(0, 4, n)
+    x = rng.normal(size=n)
+    eta = 0.3 * x + rng.normal(0, 0.8, 12)[a] + rng.normal(0, 0.5, 4)[b]
+    df = pd.DataFrame({"y": rng.binomial(1, 1.0 / (1.0 + np.exp(-eta))), "x": x,
+                       "a": [f"a{i}" for i in a], "b": [f"b{i}" for i in b]})
+    fit("y ~ x + (1 | a) + (1 | b)", df, family="binomial")
+    return {name: len(fn.signatures) for name, fn in vars(jit).items()}
 
 
 def enabled() -> bool:

@@ -165,6 +165,14 @@ def test_binomial_totals_fit_is_the_same_with_either_kernels():
     np.testing.assert_allclose(res.fixed["std_error"], ref.fixed["std_error"], rtol=1e-5)
 
 
+def test_warm_compiles_what_a_fit_uses():
+    counts = kernels.warm()
+    used = {"z_times", "zt_times", "weighted_buffer", "logit_finish", "own_products",
+            "gradient_rows", "factor_dense1", "inverse_dense1"}
+    assert used <= set(counts)
+    assert all(counts[name] >= 1 for name in used)
+
+
 def _kernels_state(env: dict) -> str:
     code = ("import fitting.kernels as k; import sys; "
             "print(k.enabled(), 'numba' in sys.modules)")
