@@ -288,10 +288,12 @@ def _fit_bfgs(design, fam, formula, ctl, t0) -> FitResult:
         polished = False
         step = newton_step(struct, z, H, ev.gradient)
         if step is not None:
-            # a Newton step with the Hessian just computed finishes the optimisation
+            # a Newton step with the Hessian just computed finishes the optimisation (no
+            # dû/dz there: nothing after an accepted polish predicts modes, and a rejected
+            # one keeps the current point and its Jacobian; 0.7 of 2.2 ms on model (b))
             zn = z - step
             evn = laplace(model, zn[:nt], zn[nt:], ModeState(z, ev.pirls.u, ev.jacobian).predict(zn),
-                          tol=tol, jacobian=True)
+                          tol=tol)
             n_final += 1
             if (evn.gradient is not None and evn.deviance <= ev.deviance + 1e-10
                     and np.array_equal(inference.canonical_theta(struct, zn[:nt]), zn[:nt])):
