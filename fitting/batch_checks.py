@@ -40,6 +40,11 @@ def adequacy_changes(st: Stack, kern: RowKernel, fin: Finished, nagq: int) -> np
     return changes_at(st, kern, fin.z[st.strata], fin.u[st.groups], fin.Ainv[st.groups], nagq)
 
 
+#: :func:`changes_at` evaluates the row deviances of at most this many (node, row) pairs
+#: per kernel call (32 MB of float64)
+_CHECK_BLOCK = 1 << 22
+
+
 def changes_at(st: Stack, kern: RowKernel, z: np.ndarray, u: np.ndarray, Ainv: np.ndarray,
                nagq: int) -> np.ndarray:
     """``AGQ_g - Laplace_g`` (G,) for every group of ``st`` at given estimates, modes and curvatures.
@@ -79,12 +84,22 @@ def changes_at(st: Stack, kern: RowKernel, z: np.ndarray, u: np.ndarray, Ainv: n
     rule = tensor_rule(nagq, k)
     uu = (u * u).sum(axis=1)
     terms = np.empty((st.G, rule.size))
-    for j, zj in enumerate(rule.nodes):
+    nodes = np.asarray(rule.nodes, dtype=float).reshape(rule.size, k)
+    for j, zj in enumerate(nodes):
         Uj = u + R @ zj
         terms[:, j] = -0.5 * ((Uj * Uj).sum(axis=1) - uu) + rule.half_sq_norm[j] + rule.log_weights[j]
-        if np.any(zj):
-            shift = sum(b[a] * zj[a] for a in range(k) if zj[a])
-            terms[:, j] -= 0.5 * st.by_group(kern.deviance_rows(eta + shift, st.y, w, None) - dev0)
+    # the row deviances at the shifted predictors, several nodes per kernel call (one pass
+    # over (nodes x rows) instead of a call per node: these calls are short on one stratum)
+    moved = np.flatnonzero(np.any(nodes != 0.0, axis=1))
+    B = np.stack(b)  # (k, N)
+    per = max(1, _CHECK_BLOCK // max(st.N, 1))
+    for lo in range(0, moved.size, per):
+        js = moved[lo:lo + per]
+        m = js.size
+        E = (nodes[js] @ B) + eta  # (m, N)
+        dev = kern.deviance_rows(E.ravel(), np.tile(st.y, m), None if w is None else np.tile(w, m), None)
+        dev = dev.reshape(m, st.N) - dev0
+        terms[:, js] -= 0.5 * st.by_group(np.ascontiguousarray(dev.T))
     top = terms.max(axis=1)
     top = np.where(np.isfinite(top), top, 0.0)
     return top + np.log(np.exp(terms - top[:, None]).sum(axis=1))

@@ -96,3 +96,4 @@ def test_fit_many_uses_the_same_vector_start_as_fit():
         got = many[(key,)] if (key,) in many else many[key]
         np.testing.assert_allclose(got.optinfo.initial, one.optinfo.initial, rtol=1e-8, atol=1e-10)
         assert got.loglik == pytest.approx(one.loglik, abs=1e-6)
+
