@@ -24,10 +24,9 @@ fixed_blocks     ``RZX``, ``RX`` (and the penalised residual) for an augmented `
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
-
-import math
 
 import numpy as np
 from scipy.linalg import lapack
