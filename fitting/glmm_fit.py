@@ -19,8 +19,9 @@ import numpy as np
 
 from . import inference, linalg
 from .errors import ConvergenceError
-from .fitcommon import (LOOSE_GTOL, full_vcov_frame, moment_cov_theta, moment_sd, information_criteria, is_pd, newton_step,
-                        ngroups, start_vector, vcov_frame, zero_small_diagonals)
+from .fitcommon import (LOOSE_GTOL, full_vcov_frame, information_criteria, is_pd, moment_cov_theta,
+                        moment_sd, newton_step, ngroups, start_vector, vcov_frame,
+                        zero_small_diagonals)
 from .glm import fit_glm
 from .glmm import GlmmModel, laplace, laplace_gradient, pirls
 from .glmm_checks import run_checks

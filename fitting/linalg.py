@@ -306,12 +306,16 @@ def solve_A(struct: Structure, fac: Factor, b: np.ndarray) -> np.ndarray:
     return solve_Lt(struct, fac, solve_L(struct, fac, b))
 
 
+def _lead_inverse(Li: np.ndarray) -> np.ndarray:
+    """``L11⁻ᵀ L11⁻¹`` per leading block, from the inverse factors ``Li`` (m1, k1, k1)."""
+    return np.einsum("gcb,gcd->gbd", Li, Li) if Li.shape[1] > 1 else Li * Li
+
+
 def _inverse_level(lv, fac: Factor) -> np.ndarray:
     k1, m1, r = lv.k1, lv.m1, lv.r
     Li = fac.L11inv
-    A11inv = np.einsum("gcb,gcd->gbd", Li, Li) if k1 > 1 else Li * Li
     if not r:
-        return A11inv.ravel()
+        return _lead_inverse(Li).ravel()
     if fac.sub is not None:
         rest = _inverse_level(lv.sub, fac.sub)
     else:
@@ -323,6 +327,7 @@ def _inverse_level(lv, fac: Factor) -> np.ndarray:
         out = kernels.inverse_dense1(lv, Li[:, 0, 0], fac.L21d, rest)
         if out is not None:
             return out
+    A11inv = _lead_inverse(Li)
     Lp = np.take(Li, lv.pair_g, axis=0)
     C = np.einsum("pb,pbc->pc", fac.L21, Lp) if k1 > 1 else fac.L21 * Lp[:, 0]
     if lv.dense:
