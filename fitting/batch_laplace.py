@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels
 from .batch_kernels import RowKernel
 from .batch_stack import Stack, tril_layout
 
@@ -151,21 +152,42 @@ def _gram(st: Stack, wv: list, v: list, eye: float) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------- PIRLS
-def _pirls(st, kern, v, base, u0, tol, maxit):
+def _pirls(st, kern, v, V, base, u0, tol, maxit):
     """Per-group penalised IRLS; see :func:`evaluate`. Returns the state at the modes.
 
     As in :mod:`fitting.batch_scalar`, a step of at most :data:`CHECK_STEP` (every
     component of every group) is taken without the deviance pass of the step-halving
-    check: Newton is then inside its region of quadratic convergence.
+    check: Newton is then inside its region of quadratic convergence. ``V`` is ``v``
+    stacked, (k, N); with numba, :func:`fitting.kernels.group_eta` and
+    :func:`~fitting.kernels.group_step` do the per-group work of an iteration in two
+    loops (the numpy path below computes the same numbers in a dozen calls).
     """
     G, k = st.G, st.k
     u = np.zeros((G, k)) if u0 is None else np.array(u0, dtype=float).reshape(G, k)
     w_arg, c_arg = st.w_arg, st.c_arg
+    fused = kernels.enabled()
+    gstart, gsize = st.group_start, st.group_size
+
+    def step(W, sc, uu):
+        """``A, A⁻¹, δ, small`` of every group at the state's weights and scores."""
+        if fused:
+            return kernels.group_step(W, sc, V, uu, gstart, gsize, tol)
+        A = _gram(st, [W * vc for vc in v], v, 1.0)
+        Ainv = _inv_blocks(A)
+        grad = np.empty((G, k))
+        for c in range(k):
+            grad[:, c] = st.by_group(sc * v[c])
+        delta = _matvec(Ainv, grad - uu)
+        small = np.abs(delta).max(axis=1) <= tol * (1.0 + np.abs(uu).max(axis=1))
+        return A, Ainv, delta, small
 
     def at(uu, with_h=True):
-        eta = base.copy()
-        for c in range(k):
-            eta += v[c] * st.to_rows(uu[:, c])
+        if fused:
+            eta = kernels.group_eta(base, V, uu, gstart, gsize)
+        else:
+            eta = base.copy()
+            for c in range(k):
+                eta += v[c] * st.to_rows(uu[:, c])
         W, sc, _, aux = kern.basic(eta, st.y, w_arg, c_arg, deviance=False)
         state = [eta, W, sc, aux, None, None]
         if with_h:
@@ -191,13 +213,7 @@ def _pirls(st, kern, v, base, u0, tol, maxit):
     conv_s = np.zeros(st.S, dtype=bool)
     for it in range(1, maxit + 1):
         eta, W, sc, aux, _, h = state
-        A = _gram(st, [W * vc for vc in v], v, 1.0)
-        Ainv = _inv_blocks(A)
-        grad = np.empty((G, k))
-        for c in range(k):
-            grad[:, c] = st.by_group(sc * v[c])
-        delta = _matvec(Ainv, grad - u)
-        small = np.abs(delta).max(axis=1) <= tol * (1.0 + np.abs(u).max(axis=1))
+        A, Ainv, delta, small = step(W, sc, u)
         small |= st.strata_to_groups(failed_s)
         newly = st.groups_by_stratum((~small).astype(np.int64)) == 0
         iters[newly & ~conv_s] = it
@@ -215,8 +231,7 @@ def _pirls(st, kern, v, base, u0, tol, maxit):
         failed_s |= stuck_s
     else:
         eta, W, sc, aux, _, h = state
-        A = _gram(st, [W * vc for vc in v], v, 1.0)
-        Ainv = _inv_blocks(A)
+        A, Ainv, _, _ = step(W, sc, u)
         iters[~conv_s] = maxit
     eta, W, sc, aux, dev, _ = state
     if dev is None:
@@ -312,7 +327,8 @@ def evaluate_general(st: Stack, kern: RowKernel, theta: np.ndarray, beta: np.nda
     base = st.off.copy()
     for j in range(p):
         base += X[j] * st.strata_to_rows(beta[:, j])
-    u, (eta, W, sc, dev, aux, _), A, Ainv, ok, iters = _pirls(st, kern, v, base, u0, tol, maxit)
+    V = np.stack(v)
+    u, (eta, W, sc, dev, aux, _), A, Ainv, ok, iters = _pirls(st, kern, v, V, base, u0, tol, maxit)
     ld = _logdet_blocks(A)
     f = st.by_stratum(dev) + st.const + st.groups_by_stratum((u * u).sum(axis=1) + ld)
     ok = ok & np.isfinite(f)
@@ -324,7 +340,6 @@ def evaluate_general(st: Stack, kern: RowKernel, theta: np.ndarray, beta: np.nda
     d2, d3, W1, W2 = kern.higher(eta, st.y, st.w_arg, aux)
     d1 = -2.0 * sc
     # rows of (k, N) / (d, N) arrays: each sum below is one product and one reduction
-    V = np.stack(v)
     Zt = Z[trow]  # (nt, N): the Z column of every θ entry
     Ur = _rows(st, u)
     Y = (_rows(st, Ainv).reshape(k, k, st.N) * V[None, :, :]).sum(axis=1)  # Y_i = A⁻¹v_i

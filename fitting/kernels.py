@@ -24,6 +24,15 @@ inverse_dense1   ``A⁻¹`` on the pattern of such a level
 own_products     ``A⁻¹ v_i`` on each observation's own columns and ``v_i'A⁻¹v_i``
 gradient_rows    the per-observation rows of the analytic Laplace gradient
 logit_response   μ, ``V(μ) = μ(1-μ)`` and the two sums of the logit deviance from η
+exp_neg_abs      ``e^{-|η|}`` by range reduction and a polynomial (a vectorised loop; numpy's
+                 ``exp`` is a scalar libm call per element on CPUs without AVX-512), < 1.01 ulp
+group_eta        ``η = base + Σ_c v_c u_{g(i)c}`` for rows sorted by group (one grouping factor, ``k ≥ 2``)
+group_step       one PIRLS step of every group: ``A_g = I + Σ W v v'``, ``A_g⁻¹`` and ``A_g⁻¹(Σ s v - u_g)``
+
+The last two serve :mod:`fitting.batch_laplace` for vector-valued terms (``k ≥ 2`` own
+entries per observation, e.g. ``(urban | district)``), where numpy spends a PIRLS
+iteration in a dozen small calls over per-group arrays; they return ``None`` without
+numba and the caller keeps its numpy path.
 """
 from __future__ import annotations
 
@@ -32,12 +41,22 @@ import os
 import numpy as np
 
 __all__ = ["enabled", "warm", "z_times", "zt_times", "weighted_buffer", "own_products", "gradient_rows",
-           "factor_dense1", "inverse_dense1", "logit_response"]
+           "factor_dense1", "inverse_dense1", "logit_response", "group_eta", "group_step"]
 
 _EPS = float(np.finfo(float).eps)
 #: rows per block of the product of ``1 + e^{-|η|}`` factors before one ``log`` (as
 #: :func:`fitting.response.sum_log`)
 _LOG_BLOCK = 512
+
+# e^x by range reduction (exp_neg_abs): log2(e), ln 2 in two parts (the high part has
+# trailing zero bits, so m·_LN2_HI is exact for |m| < 2^11), the shifter 1.5·2^52 (adding
+# it rounds to an integer held in the low mantissa bits) and 1/j! for j = 0..13
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+_SHIFTER = 6755399441055744.0
+_SHIFTER_BITS = int(np.array([_SHIFTER]).view(np.int64)[0])
+_EXP_TAYLOR = tuple(1.0 / float(np.prod(np.arange(1, j + 1))) for j in range(14))
 
 _compiled = None  # module-level cache of the jitted kernels (a namespace), or False
 
@@ -45,8 +64,8 @@ _compiled = None  # module-level cache of the jitted kernels (a namespace), or F
 def warm() -> dict:
     """Compile (or load from the cache) every kernel with the argument types real fits use.
 
-    Fits a small crossed logistic model, ``y ~ x + (1 | a) + (1 | b)``, through
-    :func:`fitting.fit`: what a deployment image runs once at build time (see
+    Fits a small crossed logistic model, ``y ~ x + (1 | a) + (1 | b)``, and one with a
+    vector-valued term, ``y ~ x + (x | a)``, through :func:`fitting.fit`: what a deployment image runs once at build time (see
     ``deploy/Dockerfile``) so that its workers load the kernels instead of compiling them.
 
     Returns
@@ -70,6 +89,7 @@ def warm() -> dict:
     df = pd.DataFrame({"y": rng.binomial(1, 1.0 / (1.0 + np.exp(-eta))), "x": x,
                        "a": [f"a{i}" for i in a], "b": [f"b{i}" for i in b]})
     fit("y ~ x + (1 | a) + (1 | b)", df, family="binomial")
+    fit("y ~ x + (x | a)", df, family="binomial")  # a vector-valued term: group_eta, group_step
     return {name: len(fn.signatures) for name, fn in vars(jit).items()}
 
 
@@ -128,9 +148,38 @@ def _build():
                 out[tgt_t[base + i]] += V[i, a] * W[i] * V[i, b]
         return out
 
+    @njit(cache=True, nogil=True, fastmath={"contract"})
+    def exp_neg_abs(eta):
+        # e^{-|η|} = 2^m e^r, m = round(-|η| log2 e), r = -|η| - m ln 2 (Cody-Waite split),
+        # e^r by its Taylor polynomial to r^13 (|r| <= ln2/2: < 1 ulp of truncation), 2^m
+        # by writing m + 1023 into the exponent bits. Branch-free loops that LLVM
+        # vectorises; only FMA contraction is allowed (a reassociating fastmath would
+        # undo the rounding by the shifter). -|η| is clamped at -700 (e^-700 ~ 1e-304,
+        # a normal number) and NaN stays NaN.
+        n = eta.shape[0]
+        shifted = np.empty(n)
+        out = np.empty(n)
+        for i in range(n):
+            x = -abs(eta[i])
+            x = -700.0 if x < -700.0 else x
+            t = x * _LOG2E + _SHIFTER
+            m = t - _SHIFTER
+            r = (x - m * _LN2_HI) - m * _LN2_LO
+            q = _EXP_TAYLOR[13]
+            for j in range(12, -1, -1):
+                q = q * r + _EXP_TAYLOR[j]
+            out[i] = q
+            shifted[i] = t
+        bits = shifted.view(np.int64)
+        scale = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            scale[i] = (bits[i] - _SHIFTER_BITS + 1023) << 52
+        out *= scale.view(np.float64)
+        return out
+
     @njit(cache=True, nogil=True)
     def logit_finish(eta, x, wy, w, unit):
-        # x = exp(-|η|) (computed by numpy's vectorised exp); μ = (η ≥ 0 ? 1 : x)/(1 + x),
+        # x = exp(-|η|) (exp_neg_abs); μ = (η ≥ 0 ? 1 : x)/(1 + x),
         # V = x/(1 + x)², Σ w softplus(η) = Σ w max(η, 0) + Σ w log(1 + x)
         n = eta.shape[0]
         mu = np.empty(n)
@@ -233,9 +282,104 @@ def _build():
         out[m1 + npairs:] = rest
         return out
 
+    @njit(cache=True, nogil=True)
+    def group_eta(base, V, u, gstart, gsize):
+        k = V.shape[0]
+        out = base.copy()
+        for g in range(gstart.shape[0]):
+            a0 = gstart[g]
+            for i in range(a0, a0 + gsize[g]):
+                s = out[i]
+                for c in range(k):
+                    s += V[c, i] * u[g, c]
+                out[i] = s
+        return out
+
+    @njit(cache=True, nogil=True)
+    def group_step(W, sc, V, u, gstart, gsize, tol):
+        k = V.shape[0]
+        G = gstart.shape[0]
+        A = np.empty((G, k, k))
+        Ainv = np.empty((G, k, k))
+        delta = np.empty((G, k))
+        small = np.empty(G, dtype=np.bool_)
+        acc = np.empty((k, k))
+        r = np.empty(k)
+        L = np.empty((k, k))
+        Li = np.empty((k, k))
+        for g in range(G):
+            acc[:, :] = 0.0
+            r[:] = 0.0
+            a0 = gstart[g]
+            for i in range(a0, a0 + gsize[g]):
+                wi = W[i]
+                si = sc[i]
+                for a in range(k):
+                    va = V[a, i]
+                    r[a] += si * va
+                    wva = wi * va
+                    for b in range(a, k):
+                        acc[a, b] += wva * V[b, i]
+            for a in range(k):
+                acc[a, a] += 1.0
+                for b in range(a, k):
+                    A[g, a, b] = acc[a, b]
+                    A[g, b, a] = acc[a, b]
+                r[a] -= u[g, a]
+            # Cholesky A = LL' (A >= I for finite non-negative weights), then A⁻¹ = L⁻'L⁻¹
+            good = True
+            for j in range(k):
+                d = acc[j, j]
+                for m in range(j):
+                    d -= L[j, m] * L[j, m]
+                if not d > 0.0:
+                    good = False
+                    break
+                L[j, j] = np.sqrt(d)
+                for i in range(j + 1, k):
+                    e = acc[j, i]
+                    for m in range(j):
+                        e -= L[i, m] * L[j, m]
+                    L[i, j] = e / L[j, j]
+            if not good:
+                Ainv[g, :, :] = np.nan
+                delta[g, :] = np.nan
+                small[g] = False
+                continue
+            for j in range(k):  # Li = L⁻¹ (lower), column by column
+                for i in range(k):
+                    Li[i, j] = 0.0
+                Li[j, j] = 1.0 / L[j, j]
+                for i in range(j + 1, k):
+                    e = 0.0
+                    for m in range(j, i):
+                        e -= L[i, m] * Li[m, j]
+                    Li[i, j] = e / L[i, i]
+            big = 0.0
+            ubig = 0.0
+            for a in range(k):
+                for b in range(a, k):
+                    e = 0.0
+                    for m in range(b, k):
+                        e += Li[m, a] * Li[m, b]
+                    Ainv[g, a, b] = e
+                    Ainv[g, b, a] = e
+            for a in range(k):
+                e = 0.0
+                for b in range(k):
+                    e += Ainv[g, a, b] * r[b]
+                delta[g, a] = e
+                if abs(e) > big:
+                    big = abs(e)
+                if abs(u[g, a]) > ubig:
+                    ubig = abs(u[g, a])
+            small[g] = big <= tol * (1.0 + ubig)
+        return A, Ainv, delta, small
+
     return SimpleNamespace(factor_dense1=factor_dense1, inverse_dense1=inverse_dense1, z_times=z_times, zt_times=zt_times, weighted_buffer=weighted_buffer,
                            logit_finish=logit_finish, own_products=own_products,
-                           gradient_rows=gradient_rows)
+                           gradient_rows=gradient_rows, group_eta=group_eta, group_step=group_step,
+                           exp_neg_abs=exp_neg_abs)
 
 
 # ----------------------------------------------------------------------------- API
@@ -386,13 +530,14 @@ def logit_response(eta: np.ndarray, wy: np.ndarray, w: np.ndarray, unit: bool, *
     softplus : float
         ``Σ w log(1 + e^η)``.
     """
-    x = np.abs(eta)
-    np.negative(x, out=x)
-    np.exp(x, out=x)  # numpy's vectorised exp: faster than a scalar exp in the loop
     jit = _jit() if compiled else False
     if jit:
-        return jit.logit_finish(eta, x, wy, w, unit)
+        return jit.logit_finish(eta, jit.exp_neg_abs(eta), wy, w, unit)
     from .response import sum_log
+
+    x = np.abs(eta)
+    np.negative(x, out=x)
+    np.exp(x, out=x)
 
     ope = x + 1.0
     mu = np.where(eta >= 0.0, 1.0, x)
@@ -403,3 +548,75 @@ def logit_response(eta: np.ndarray, wy: np.ndarray, w: np.ndarray, unit: bool, *
     np.clip(mu, _EPS, 1.0 - _EPS, out=mu)
     softplus = float(w @ np.maximum(eta, 0.0)) + sum_log(ope, None if unit else w)
     return mu, v, float(wy @ eta), softplus
+
+
+def group_eta(base: np.ndarray, V: np.ndarray, u: np.ndarray, gstart: np.ndarray,
+              gsize: np.ndarray):
+    """``η_i = base_i + Σ_c V[c, i] u[g(i), c]`` for rows sorted by group.
+
+    Parameters
+    ----------
+    base : ndarray (N,)
+        Offset plus ``Xβ``.
+    V : ndarray (k, N)
+        ``v_i = Λ'z_i`` per row, one contiguous row per random-effects column.
+    u : ndarray (G, k)
+        Spherical modes of every group.
+    gstart, gsize : ndarray (G,) of int
+        First row and number of rows of every group (contiguous, non-empty).
+
+    Returns
+    -------
+    ndarray (N,) or None
+        ``None`` when numba is not in use (the caller takes its numpy path).
+    """
+    jit = _jit()
+    if not jit:
+        return None
+    return jit.group_eta(base, V, u, gstart, gsize)
+
+
+def group_step(W: np.ndarray, sc: np.ndarray, V: np.ndarray, u: np.ndarray,
+               gstart: np.ndarray, gsize: np.ndarray, tol: float):
+    """One penalised IRLS step of every group of a one-grouping-factor stack.
+
+    ``A_g = I + Σ_{i∈g} W_i v_i v_i'``, its inverse (through its Cholesky factor), and the
+    step ``δ_g = A_g⁻¹(Σ_{i∈g} s_i v_i - u_g)``, with ``small_g`` when
+    ``max|δ_g| <= tol (1 + max|u_g|)``. A block that is not positive definite (non-finite
+    weights) gets a NaN inverse and step.
+
+    Parameters
+    ----------
+    W, sc : ndarray (N,)
+        Fisher weights and scores (``-½ ∂d/∂η``) of the rows.
+    V : ndarray (k, N)
+    u : ndarray (G, k)
+    gstart, gsize : ndarray (G,) of int
+    tol : float
+
+    Returns
+    -------
+    (A, Ainv, delta, small) or None
+        ``(G, k, k)``, ``(G, k, k)``, ``(G, k)``, ``(G,)`` bool; ``None`` without numba.
+    """
+    jit = _jit()
+    if not jit:
+        return None
+    return jit.group_step(W, sc, V, u, gstart, gsize, float(tol))
+
+
+def exp_neg_abs(eta: np.ndarray) -> np.ndarray:
+    """``e^{-|η|}`` elementwise, within about 1 ulp of ``np.exp(-np.abs(eta))``.
+
+    The compiled kernel computes it by range reduction and a degree-13 polynomial in one
+    vectorised loop (2-3.5x faster than numpy's ``exp`` here); ``-|η|`` is clamped at
+    -700 (so the result is at least ~1e-304 instead of 0) and NaN stays NaN. Without
+    numba: numpy's ``exp`` of the same clamped argument.
+    """
+    jit = _jit()
+    if jit:
+        return jit.exp_neg_abs(np.ascontiguousarray(eta, dtype=np.float64))
+    x = np.abs(eta)
+    np.negative(x, out=x)
+    np.maximum(x, -700.0, out=x)
+    return np.exp(x, out=x)

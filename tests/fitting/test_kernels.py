@@ -165,10 +165,117 @@ def test_binomial_totals_fit_is_the_same_with_either_kernels():
     np.testing.assert_allclose(res.fixed["std_error"], ref.fixed["std_error"], rtol=1e-5)
 
 
+def test_exp_neg_abs_is_within_an_ulp_of_numpy():
+    x = np.linspace(-700.0, 700.0, 400_001)
+    ref = np.exp(-np.abs(x))
+    got = kernels.exp_neg_abs(x)
+    ulps = np.abs(got - ref) / np.spacing(ref)
+    assert ulps.max() <= 1.0  # within one unit in the last place of numpy's value
+    assert np.all(got[x == 0.0] == 1.0)
+    odd = kernels.exp_neg_abs(np.array([np.nan, 701.0, -800.0, np.inf, -0.0]))
+    assert np.isnan(odd[0])
+    np.testing.assert_array_equal(odd[1:4], np.exp(-700.0))  # clamped: a normal number, not 0
+    assert odd[4] == 1.0
+    with numpy_twins():
+        twin = kernels.exp_neg_abs(np.array([np.nan, 701.0, 3.0]))
+    assert np.isnan(twin[0]) and twin[1] == np.exp(-700.0) and twin[2] == np.exp(-3.0)
+
+
+def _groups(seed, k, G=25):
+    rng = np.random.default_rng(seed)
+    gsize = rng.integers(1, 40, G)
+    gstart = np.concatenate(([0], np.cumsum(gsize)[:-1])).astype(np.int64)
+    N = int(gsize.sum())
+    V = rng.normal(size=(k, N))
+    return rng, gstart, gsize.astype(np.int64), V, N
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_group_kernels_match_dense_algebra(k):
+    rng, gstart, gsize, V, N = _groups(5 + k, k)
+    G = gstart.size
+    base = rng.normal(size=N)
+    u = rng.normal(0, 0.8, (G, k))
+    W = rng.uniform(0.01, 0.25, N)
+    sc = rng.normal(0, 0.3, N)
+    rows = np.repeat(np.arange(G), gsize)
+    u[3] = V[:, rows == 3] @ sc[rows == 3]  # a group at its mode: δ = 0
+    eta = kernels.group_eta(base, V, u, gstart, gsize)
+    np.testing.assert_allclose(eta, base + (V * u[rows].T).sum(axis=0), rtol=1e-14, atol=1e-14)
+    tol = 1e-3
+    A, Ainv, delta, small = kernels.group_step(W, sc, V, u, gstart, gsize, tol)
+    for g in range(G):
+        r = rows == g
+        Ag = np.eye(k) + (V[:, r] * W[r]) @ V[:, r].T
+        np.testing.assert_allclose(A[g], Ag, rtol=1e-13)
+        np.testing.assert_allclose(Ainv[g], np.linalg.inv(Ag), rtol=1e-11, atol=1e-13)
+        dg = np.linalg.solve(Ag, V[:, r] @ sc[r] - u[g])
+        np.testing.assert_allclose(delta[g], dg, rtol=1e-11, atol=1e-13)
+        assert small[g] == (np.abs(dg).max() <= tol * (1.0 + np.abs(u[g]).max()))
+    assert small.any() and not small.all()  # both outcomes are exercised
+
+
+def test_group_step_marks_a_non_finite_block():
+    rng, gstart, gsize, V, N = _groups(2, 2, G=4)
+    W = np.full(N, 0.1)
+    W[gstart[2]] = np.nan
+    A, Ainv, delta, small = kernels.group_step(W, np.zeros(N), V, np.zeros((4, 2)), gstart, gsize, 1e-8)
+    assert np.isnan(Ainv[2]).all() and np.isnan(delta[2]).all() and not small[2]
+    assert np.isfinite(Ainv[[0, 1, 3]]).all() and small[[0, 1, 3]].all()
+
+
+def test_group_kernels_are_none_without_numba():
+    rng, gstart, gsize, V, N = _groups(1, 2, G=3)
+    with numpy_twins():
+        assert kernels.group_eta(np.zeros(N), V, np.zeros((3, 2)), gstart, gsize) is None
+        assert kernels.group_step(np.ones(N), np.zeros(N), V, np.zeros((3, 2)), gstart, gsize, 1e-8) is None
+
+
+@pytest.mark.parametrize("family", ["binomial", "poisson"])
+def test_vector_term_batch_evaluation_is_the_same_with_either_path(family):
+    # fitting.batch_laplace.evaluate_general's PIRLS through group_eta/group_step or numpy
+    from fitting.batch_kernels import row_kernel
+    from fitting.batch_laplace import evaluate_general
+    from fitting.batch_stack import stack_designs
+
+    designs = []
+    for seed in range(3):
+        df = _frame(20 + seed, n=500, na=15, slope=True)
+        if family == "poisson":
+            df["y"] = np.random.default_rng(seed).poisson(np.exp(0.3 + 0.4 * df["x"]))
+        designs.append(build_design("y ~ x + (x | a)", df, family, weights=None, offset=None,
+                                    na_action="error"))
+    kern = row_kernel(get_family(family, None))
+    st = stack_designs(designs, kern)
+    theta = np.tile([0.9, 0.2, 0.4], (st.S, 1))
+    beta = np.random.default_rng(1).normal(0, 0.3, size=(st.S, st.p))
+    a = evaluate_general(st, kern, theta, beta)
+    with numpy_twins():
+        b = evaluate_general(st, kern, theta, beta)
+    assert a.ok.all() and b.ok.all()
+    np.testing.assert_array_equal(a.iterations, b.iterations)
+    np.testing.assert_allclose(a.f, b.f, rtol=1e-13)
+    np.testing.assert_allclose(a.u, b.u, atol=1e-10)
+    np.testing.assert_allclose(a.g, b.g, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(a.H, b.H, rtol=1e-9, atol=1e-9)
+
+
+def test_vector_term_fit_is_the_same_with_either_path():
+    df = _frame(31, slope=True)
+    res = fitting.fit("y ~ x + (x | a)", df, family="binomial")
+    with numpy_twins():
+        ref = fitting.fit("y ~ x + (x | a)", df, family="binomial")
+    assert res.optinfo.optimizer == ref.optinfo.optimizer
+    assert res.loglik == pytest.approx(ref.loglik, abs=1e-9)
+    np.testing.assert_allclose(res.theta, ref.theta, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(res.fixed["std_error"], ref.fixed["std_error"], rtol=1e-6)
+
+
 def test_warm_compiles_what_a_fit_uses():
     counts = kernels.warm()
     used = {"z_times", "zt_times", "weighted_buffer", "logit_finish", "own_products",
-            "gradient_rows", "factor_dense1", "inverse_dense1"}
+            "gradient_rows", "factor_dense1", "inverse_dense1", "exp_neg_abs",
+            "group_eta", "group_step"}
     assert used <= set(counts)
     assert all(counts[name] >= 1 for name in used)
 
