@@ -35,6 +35,13 @@ numpy's inner loops then run over the long axis), summed per group by one
 ``(αe + t) e'``, ``e t'``) for few strata; per-group ``k×k`` solves are batched
 ``np.linalg``/``matmul``. :func:`evaluate` sends ``k = 1`` to the faster
 :func:`fitting.batch_scalar.evaluate_scalar`; :func:`evaluate_general` serves any ``k``.
+
+With numba (:mod:`fitting.kernels`; only this ``k ≥ 2`` path loads it), a PIRLS
+iteration's per-group work is :func:`~fitting.kernels.group_eta` and
+:func:`~fitting.kernels.group_step`, and the gradient, Hessian and ``dû/dz`` are
+:func:`~fitting.kernels.group_derivatives` (two passes over each group's rows, no
+``(d, N)`` temporaries); the numpy code here is their twin (``STRATAFIT_NUMBA=0``) and
+gives the same numbers to rounding.
 """
 from __future__ import annotations
 
@@ -339,6 +346,15 @@ def evaluate_general(st: Stack, kern: RowKernel, theta: np.ndarray, beta: np.nda
 
     d2, d3, W1, W2 = kern.higher(eta, st.y, st.w_arg, aux)
     d1 = -2.0 * sc
+    if kernels.enabled():
+        Huinv = 0.5 * Ainv if kern.canonical else _inv_blocks(_gram(st, list(d2 * V), v, 2.0))
+        g, Hs, U1 = kernels.group_derivatives(st, V, u, Ainv, Huinv, W, d1, d2, d3, W1, W2, order)
+        ok = ok & np.all(np.isfinite(g), axis=1)
+        if order == 1:
+            return BatchEval(f, g, None, u, Ainv, ok, iters, info, U1)
+        H = 0.5 * (Hs + np.swapaxes(Hs, 1, 2))
+        ok = ok & np.all(np.isfinite(H), axis=(1, 2))
+        return BatchEval(f, g, H, u, Ainv, ok, iters, info, U1)
     # rows of (k, N) / (d, N) arrays: each sum below is one product and one reduction
     Zt = Z[trow]  # (nt, N): the Z column of every θ entry
     Ur = _rows(st, u)

@@ -231,9 +231,14 @@ def test_group_kernels_are_none_without_numba():
         assert kernels.group_step(np.ones(N), np.zeros(N), V, np.zeros((3, 2)), gstart, gsize, 1e-8) is None
 
 
-@pytest.mark.parametrize("family", ["binomial", "poisson"])
-def test_vector_term_batch_evaluation_is_the_same_with_either_path(family):
-    # fitting.batch_laplace.evaluate_general's PIRLS through group_eta/group_step or numpy
+@pytest.mark.parametrize("family,link,term", [
+    ("binomial", None, "(x | a)"), ("poisson", None, "(x | a)"),
+    ("binomial", "probit", "(x | a)"),  # not canonical: H_u⁻¹ is not A⁻¹/2
+    ("binomial", None, "(x + z | a)"),  # k = 3
+])
+def test_vector_term_batch_evaluation_is_the_same_with_either_path(family, link, term):
+    # fitting.batch_laplace.evaluate_general through group_eta, group_step and
+    # group_derivatives, or numpy; three strata stacked
     from fitting.batch_kernels import row_kernel
     from fitting.batch_laplace import evaluate_general
     from fitting.batch_stack import stack_designs
@@ -241,23 +246,30 @@ def test_vector_term_batch_evaluation_is_the_same_with_either_path(family):
     designs = []
     for seed in range(3):
         df = _frame(20 + seed, n=500, na=15, slope=True)
+        df["z"] = np.random.default_rng(seed).normal(size=len(df))
         if family == "poisson":
             df["y"] = np.random.default_rng(seed).poisson(np.exp(0.3 + 0.4 * df["x"]))
-        designs.append(build_design("y ~ x + (x | a)", df, family, weights=None, offset=None,
-                                    na_action="error"))
-    kern = row_kernel(get_family(family, None))
+        designs.append(build_design(f"y ~ x + z + {term}", df, family, weights=None,
+                                    offset=None, na_action="error"))
+    kern = row_kernel(get_family(family, link))
     st = stack_designs(designs, kern)
-    theta = np.tile([0.9, 0.2, 0.4], (st.S, 1))
+    nt = st.k * (st.k + 1) // 2
+    theta = np.tile(np.where(np.arange(nt) % (st.k + 1) == 0, 0.8, 0.15)[:nt], (st.S, 1))
     beta = np.random.default_rng(1).normal(0, 0.3, size=(st.S, st.p))
-    a = evaluate_general(st, kern, theta, beta)
-    with numpy_twins():
-        b = evaluate_general(st, kern, theta, beta)
-    assert a.ok.all() and b.ok.all()
-    np.testing.assert_array_equal(a.iterations, b.iterations)
-    np.testing.assert_allclose(a.f, b.f, rtol=1e-13)
-    np.testing.assert_allclose(a.u, b.u, atol=1e-10)
-    np.testing.assert_allclose(a.g, b.g, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(a.H, b.H, rtol=1e-9, atol=1e-9)
+    for order in (1, 2):
+        a = evaluate_general(st, kern, theta, beta, order=order)
+        with numpy_twins():
+            b = evaluate_general(st, kern, theta, beta, order=order)
+        assert a.ok.all() and b.ok.all()
+        np.testing.assert_array_equal(a.iterations, b.iterations)
+        np.testing.assert_allclose(a.f, b.f, rtol=1e-13)
+        np.testing.assert_allclose(a.u, b.u, atol=1e-10)
+        np.testing.assert_allclose(a.g, b.g, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(a.du, b.du, rtol=1e-9, atol=1e-9)
+        if order == 2:
+            np.testing.assert_allclose(a.H, b.H, rtol=1e-9, atol=1e-9)
+        else:
+            assert a.H is None and b.H is None
 
 
 def test_vector_term_fit_is_the_same_with_either_path():
@@ -275,7 +287,7 @@ def test_warm_compiles_what_a_fit_uses():
     counts = kernels.warm()
     used = {"z_times", "zt_times", "weighted_buffer", "logit_finish", "own_products",
             "gradient_rows", "factor_dense1", "inverse_dense1", "exp_neg_abs",
-            "group_eta", "group_step"}
+            "group_eta", "group_step", "group_derivatives"}
     assert used <= set(counts)
     assert all(counts[name] >= 1 for name in used)
 
