@@ -36,10 +36,10 @@ numpy's inner loops then run over the long axis), summed per group by one
 ``np.linalg``/``matmul``. :func:`evaluate` sends ``k = 1`` to the faster
 :func:`fitting.batch_scalar.evaluate_scalar`; :func:`evaluate_general` serves any ``k``.
 
-With numba (:mod:`fitting.kernels`; only this ``k ≥ 2`` path loads it), a PIRLS
-iteration's per-group work is :func:`~fitting.kernels.group_eta` and
-:func:`~fitting.kernels.group_step`, and the gradient, Hessian and ``dû/dz`` are
-:func:`~fitting.kernels.group_derivatives` (two passes over each group's rows, no
+With numba (:mod:`fitting.group_kernels`; only this ``k ≥ 2`` path loads it), a PIRLS
+iteration's per-group work is :func:`~fitting.group_kernels.group_eta` and
+:func:`~fitting.group_kernels.group_step`, and the gradient, Hessian and ``dû/dz`` are
+:func:`~fitting.group_kernels.group_derivatives` (two passes over each group's rows, no
 ``(d, N)`` temporaries); the numpy code here is their twin (``STRATAFIT_NUMBA=0``) and
 gives the same numbers to rounding.
 """
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels
+from . import group_kernels, kernels
 from .batch_kernels import RowKernel
 from .batch_stack import Stack, tril_layout
 
@@ -165,8 +165,8 @@ def _pirls(st, kern, v, V, base, u0, tol, maxit):
     As in :mod:`fitting.batch_scalar`, a step of at most :data:`CHECK_STEP` (every
     component of every group) is taken without the deviance pass of the step-halving
     check: Newton is then inside its region of quadratic convergence. ``V`` is ``v``
-    stacked, (k, N); with numba, :func:`fitting.kernels.group_eta` and
-    :func:`~fitting.kernels.group_step` do the per-group work of an iteration in two
+    stacked, (k, N); with numba, :func:`fitting.group_kernels.group_eta` and
+    :func:`~fitting.group_kernels.group_step` do the per-group work of an iteration in two
     loops (the numpy path below computes the same numbers in a dozen calls).
     """
     G, k = st.G, st.k
@@ -178,7 +178,7 @@ def _pirls(st, kern, v, V, base, u0, tol, maxit):
     def step(W, sc, uu):
         """``A, A⁻¹, δ, small`` of every group at the state's weights and scores."""
         if fused:
-            return kernels.group_step(W, sc, V, uu, gstart, gsize, tol)
+            return group_kernels.group_step(W, sc, V, uu, gstart, gsize, tol)
         A = _gram(st, [W * vc for vc in v], v, 1.0)
         Ainv = _inv_blocks(A)
         grad = np.empty((G, k))
@@ -190,7 +190,7 @@ def _pirls(st, kern, v, V, base, u0, tol, maxit):
 
     def at(uu, with_h=True):
         if fused:
-            eta = kernels.group_eta(base, V, uu, gstart, gsize)
+            eta = group_kernels.group_eta(base, V, uu, gstart, gsize)
         else:
             eta = base.copy()
             for c in range(k):
@@ -348,7 +348,7 @@ def evaluate_general(st: Stack, kern: RowKernel, theta: np.ndarray, beta: np.nda
     d1 = -2.0 * sc
     if kernels.enabled():
         Huinv = 0.5 * Ainv if kern.canonical else _inv_blocks(_gram(st, list(d2 * V), v, 2.0))
-        g, Hs, U1 = kernels.group_derivatives(st, V, u, Ainv, Huinv, W, d1, d2, d3, W1, W2, order)
+        g, Hs, U1 = group_kernels.group_derivatives(st, V, u, Ainv, Huinv, W, d1, d2, d3, W1, W2, order)
         ok = ok & np.all(np.isfinite(g), axis=1)
         if order == 1:
             return BatchEval(f, g, None, u, Ainv, ok, iters, info, U1)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import fitting
-from fitting import kernels, linalg
+from fitting import group_kernels, kernels, linalg
 from fitting.families import get_family
 from fitting.frame import build_design
 from fitting.response import make_response
@@ -200,10 +200,10 @@ def test_group_kernels_match_dense_algebra(k):
     sc = rng.normal(0, 0.3, N)
     rows = np.repeat(np.arange(G), gsize)
     u[3] = V[:, rows == 3] @ sc[rows == 3]  # a group at its mode: δ = 0
-    eta = kernels.group_eta(base, V, u, gstart, gsize)
+    eta = group_kernels.group_eta(base, V, u, gstart, gsize)
     np.testing.assert_allclose(eta, base + (V * u[rows].T).sum(axis=0), rtol=1e-14, atol=1e-14)
     tol = 1e-3
-    A, Ainv, delta, small = kernels.group_step(W, sc, V, u, gstart, gsize, tol)
+    A, Ainv, delta, small = group_kernels.group_step(W, sc, V, u, gstart, gsize, tol)
     for g in range(G):
         r = rows == g
         Ag = np.eye(k) + (V[:, r] * W[r]) @ V[:, r].T
@@ -219,7 +219,7 @@ def test_group_step_marks_a_non_finite_block():
     rng, gstart, gsize, V, N = _groups(2, 2, G=4)
     W = np.full(N, 0.1)
     W[gstart[2]] = np.nan
-    A, Ainv, delta, small = kernels.group_step(W, np.zeros(N), V, np.zeros((4, 2)), gstart, gsize, 1e-8)
+    A, Ainv, delta, small = group_kernels.group_step(W, np.zeros(N), V, np.zeros((4, 2)), gstart, gsize, 1e-8)
     assert np.isnan(Ainv[2]).all() and np.isnan(delta[2]).all() and not small[2]
     assert np.isfinite(Ainv[[0, 1, 3]]).all() and small[[0, 1, 3]].all()
 
@@ -227,8 +227,8 @@ def test_group_step_marks_a_non_finite_block():
 def test_group_kernels_are_none_without_numba():
     rng, gstart, gsize, V, N = _groups(1, 2, G=3)
     with numpy_twins():
-        assert kernels.group_eta(np.zeros(N), V, np.zeros((3, 2)), gstart, gsize) is None
-        assert kernels.group_step(np.ones(N), np.zeros(N), V, np.zeros((3, 2)), gstart, gsize, 1e-8) is None
+        assert group_kernels.group_eta(np.zeros(N), V, np.zeros((3, 2)), gstart, gsize) is None
+        assert group_kernels.group_step(np.ones(N), np.zeros(N), V, np.zeros((3, 2)), gstart, gsize, 1e-8) is None
 
 
 @pytest.mark.parametrize("family,link,term", [
