@@ -28,7 +28,7 @@ from .fitcommon import vcov_frame
 from .glmm_checks import glmm_diagnostics
 from .result import Diagnostics, FitResult, OptInfo
 
-__all__ = ["Finished", "finish_chunk", "ChunkTables", "chunk_tables", "build_result", "theta_names", "SNAP", "SNAP_TOL", "FLAT_EIGEN"]
+__all__ = ["Finished", "finish_chunk", "ChunkTables", "chunk_tables", "build_result", "newton_decrement", "theta_names", "SNAP", "SNAP_TOL", "FLAT_EIGEN"]
 
 #: |θ_diag| below this is tried at 0 (:mod:`fitting.glmm_fit`'s ``_SNAP``) ...
 SNAP = 1e-3
@@ -193,6 +193,20 @@ def finish_chunk(st: Stack, kern, res: NewtonResult, *, se: str = "hessian",
                     extra_evaluations=extra, group_first=st.group_first)
 
 
+def newton_decrement(g: np.ndarray, H: np.ndarray) -> float:
+    """``λ² = g'H⁻¹g`` at the returned point (NaN when ``H`` is singular or not finite).
+
+    With ``H`` the deviance's Hessian, the remaining Newton step moves estimate ``j`` by at
+    most ``λ SE_j/√2`` (see :data:`fitting.batch_newton.LAMBDA2_TOL`).
+    """
+    try:
+        with np.errstate(all="ignore"):
+            value = float(g @ np.linalg.solve(H, g))
+    except (np.linalg.LinAlgError, ValueError):
+        return float("nan")
+    return value if np.isfinite(value) else float("nan")
+
+
 @dataclass(frozen=True)
 class ChunkTables:
     """``fixed``, ``varcorr`` and ``ranef`` tables of many strata, built at once.
@@ -304,6 +318,7 @@ def build_result(design, fam, formula: str, fin: Finished, res: NewtonResult, s:
         tuple(map(float, g)), "converged: Newton decrement below tolerance" if res.status[s] == 0
         else "iteration limit", tuple(map(float, z0)), tuple(map(float, z)), int(res.status[s]),
         extra={"objective": "Laplace", "parameters": "theta, beta", "iterations": int(res.iterations[s]),
+               "newton_decrement": newton_decrement(res.g[s], res.H[s]),
                "pirls_iterations": int(res.pirls_iterations[s]), "hessian": "analytic",
                "gtol": float(ctl["gtol"]), "pirls_tol": float(ctl["pirls_tol"]),
                "log": list(res.log[s]), **chunk_info},

@@ -31,7 +31,7 @@ from .batch_laplace import BatchEval, evaluate
 from .batch_newton import (ARMIJO, GRAD_TOL, LAMBDA2_TOL, MAX_BACKTRACK, MAX_STEP, NewtonResult,
                            directions, glm_start, moment_theta,
                            moment_theta_vector)
-from .batch_results import chunk_tables, finish_chunk, theta_names
+from .batch_results import chunk_tables, finish_chunk, newton_decrement, theta_names
 from .batch_stack import Stack, stack_designs, tril_layout
 from .fitcommon import full_vcov_frame, information_criteria, start_vector, vcov_frame
 from .glmm_checks import run_checks
@@ -236,6 +236,7 @@ def _package(design, fam, formula, ctl, t0, z0, out: NewtonOne, fin, tables, ter
         "converged: Newton decrement below tolerance", tuple(map(float, z0)), tuple(map(float, z)),
         int(res.status[0]),
         extra={"objective": "Laplace", "parameters": "theta, beta", "iterations": int(res.iterations[0]),
+               "newton_decrement": newton_decrement(res.g[0], res.H[0]),
                "pirls_iterations": int(res.pirls_iterations[0]), "hessian": "analytic",
                "start_evaluations": 0, "final_evaluations": extra_ev,
                "gtol": float(ctl["gtol"]), "pirls_tol": float(ctl["pirls_tol"]), "log": list(out.log)},

@@ -141,7 +141,10 @@ def test_fit_many_equals_fit_per_stratum(binomial_data, binomial_fits):
             continue
         if res.optinfo.optimizer == "batched-newton":
             batched += 1
-            assert res.diagnostics.max_grad < 1e-6
+            # converged by the Newton decrement: the remaining step is below 1e-5 SE
+            assert (res.optinfo.extra["newton_decrement"] <= 1e-10
+                    or res.diagnostics.max_grad <= 1e-10), key
+            assert res.diagnostics.max_grad < 1e-3
             assert_same_fit(res, ref, est=_est_tol(ref))
             np.testing.assert_allclose(res.fixed["std_error"], _exact_se(binomial_data, key, res), rtol=1e-6)
         else:  # refitted by fit itself: identical
