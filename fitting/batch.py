@@ -31,7 +31,8 @@ Stages (each stratum's answer is the one :func:`fitting.fit` gives on that strat
 
 The estimates agree with ``fit`` to ``fit``'s own precision (~1e-7; ~1e-5 at singular
 fits, where ``fit``'s optimiser stops at a larger gradient): both are the optimum of the
-same deviance, which the batched Newton drives to ``max|grad| ~ 1e-10``. The standard
+same deviance, which the batched Newton drives to a Newton decrement ``g'H⁻¹g <= 1e-10``
+(the remaining step below 1e-5 standard errors of every estimate). The standard
 errors come from the exact Hessian; ``fit``'s forward-difference Hessian differs from it
 by up to a few 1e-4 (relative) on small strata.
 """
