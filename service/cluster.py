@@ -41,6 +41,7 @@ __all__ = [
     "worker_environ",
     "DASK_TRIM_DEFAULT",
     "ALLOCATOR_ENV",
+    "start_method",
 ]
 
 #: Environment given to worker processes started by :func:`connect`.
@@ -194,12 +195,34 @@ def worker_environ() -> dict:
     return environ
 
 
+def start_method() -> str:
+    """How the local cluster starts its worker processes: ``forkserver`` where available
+    instead of Dask's default ``spawn`` (a start method configured by the user is kept).
+
+    With ``spawn`` every worker is a fresh interpreter that imports numpy, pandas, pyarrow
+    and distributed itself, on the cores the coordinator is using for its own imports and
+    the spec's validation. A fork server imports them once (Dask preloads them there)
+    and forks the workers from it. The pre-spawn environment (:func:`worker_environ`:
+    BLAS threads, allocator) is in place when the server starts, so every worker still
+    starts with it. Measured: ``stratafit run`` of the 200-strata benchmark job with 2
+    workers, three alternating pairs, 4.47 / 4.12 / 3.71 s with ``spawn`` and
+    3.47 / 3.38 / 3.64 s with ``forkserver``.
+    """
+    import multiprocessing
+
+    method = str(dask.config.get("distributed.worker.multiprocessing-method", "spawn"))
+    if method == "spawn" and "forkserver" in multiprocessing.get_all_start_methods():
+        return "forkserver"
+    return method
+
+
 def _local_cluster(n_workers: int | None) -> distributed.LocalCluster:
     n = int(n_workers or os.cpu_count() or 1)
     if n < 1:
         raise ClusterUnavailable(f"--workers must be >= 1, got {n}")
     environ = worker_environ()
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, **worker_config()}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, **worker_config(),
+                          "distributed.worker.multiprocessing-method": start_method()}):
         return distributed.LocalCluster(
             n_workers=n,
             threads_per_worker=1,
@@ -211,8 +234,8 @@ def _local_cluster(n_workers: int | None) -> distributed.LocalCluster:
 
 def _spawn_hint(exc: BaseException) -> str:
     """A hint for the usual cause of local workers that do not start: a script that starts
-    the cluster at import time. Worker processes are spawned and re-import ``__main__``,
-    where the unguarded call starts a cluster again and fails."""
+    the cluster at import time. Worker processes (forked from a fork server, or spawned)
+    re-import ``__main__``, where the unguarded call starts a cluster again and fails."""
     if "failed to start" not in str(exc):
         return ""
     main = sys.modules.get("__main__")
@@ -220,7 +243,7 @@ def _spawn_hint(exc: BaseException) -> str:
     if not script:
         return ""
     return (f" (if {os.path.basename(script)!r} starts the job at import time, put the call under "
-            "`if __name__ == \"__main__\":`: local workers are spawned processes that import the main "
+            "`if __name__ == \"__main__\":`: local workers are new processes that import the main "
             "module again)")
 
 

@@ -1,4 +1,4 @@
-"""service.cluster: errors of a local cluster that cannot start."""
+"""service.cluster: errors of a local cluster that cannot start; how its workers start."""
 from __future__ import annotations
 
 import subprocess
@@ -40,3 +40,52 @@ def test_hint_only_for_a_worker_start_failure(monkeypatch):
     assert cluster._spawn_hint(OSError("address already in use")) == ""
     del fake.__file__  # an interactive session has no script to name
     assert cluster._spawn_hint(RuntimeError("Nanny failed to start.")) == ""
+
+
+def test_start_method_prefers_a_fork_server(monkeypatch):
+    import multiprocessing
+
+    import dask
+
+    with dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}):  # Dask's default
+        expected = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        assert cluster.start_method() == expected
+    with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}):  # the user's choice
+        assert cluster.start_method() == "fork"
+
+
+PROBE = textwrap.dedent("""
+    import json, os, sys
+
+    from service.cluster import connect
+
+    def probe():
+        import multiprocessing, os, threadpoolctl
+        return {"method": multiprocessing.get_start_method(allow_none=True),
+                "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                       "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")},
+                "blas_threads": sorted({i["num_threads"] for i in threadpoolctl.threadpool_info()})}
+
+    if __name__ == "__main__":
+        with connect(None, 2) as client:
+            print(json.dumps(list(client.run(probe).values())))
+""")
+
+
+def test_local_workers_start_with_the_pre_spawn_environment(tmp_path):
+    """Forked from a fork server or spawned, every local worker has one BLAS thread and the
+    allocator settings of ``worker_environ`` (set before the server or worker starts)."""
+    import json
+
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    workers = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(workers) == 2
+    wanted = {**cluster.BLAS_ENV, **cluster.ALLOCATOR_ENV}
+    for w in workers:
+        assert w["method"] == cluster.start_method()
+        assert w["env"] == {k: wanted[k] for k in w["env"]}
+        assert w["blas_threads"] == [1]
