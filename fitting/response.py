@@ -167,6 +167,12 @@ def make_response(y, weights, offset, family: Family, *, fused: bool = False) ->
     y = np.asarray(y, dtype=float)
     w = np.asarray(weights, dtype=float)
     o = np.asarray(offset, dtype=float)
+    unit = bool(np.all(w == 1.0))
+    if family.name == "binomial" and unit and np.all((y == 0.0) | (y == 1.0)):
+        # 0/1 outcomes: log C(1, y) = 0 and the saturated log-likelihood is 0, so the
+        # constant and the saturated term below are exactly 0 (no gammaln/xlogy passes)
+        fast = "logit" if family.link.name == "logit" else ""
+        return Response(y, w, o, family, 0.0, fast, w * y, 0.0, True, fused)
     mu0 = family.starting_mu(y, w)
     dres0 = family.deviance_residuals(y, mu0, w)
     const = float(np.sum(-2.0 * family.loglik(y, mu0, w) - dres0))
@@ -182,4 +188,4 @@ def make_response(y, weights, offset, family: Family, *, fused: bool = False) ->
         b0 = np.logaddexp(0.0, eta0) if fast == "logit" else mu0
         dev0 = float(np.sum(dres0))
         sat = -2.0 * float((w * y) @ eta0 - w @ b0) - dev0
-    return Response(y, w, o, family, const, fast, w * y, sat, bool(np.all(w == 1.0)), fused)
+    return Response(y, w, o, family, const, fast, w * y, sat, unit, fused)
