@@ -18,6 +18,12 @@ from fitting.structure import build_structure
 
 
 
+#: for the tests of compiled kernels that have no numpy twin of their own (they return
+#: None when switched off): they run wherever numba is in use, as in CI
+needs_numba = pytest.mark.skipif(not kernels.enabled(),
+                                 reason="numba kernels switched off (STRATAFIT_NUMBA=0) or numba missing")
+
+
 @contextmanager
 def numpy_twins():
     """Run the block with the numpy twins of the kernels."""
@@ -190,6 +196,7 @@ def _groups(seed, k, G=25):
     return rng, gstart, gsize.astype(np.int64), V, N
 
 
+@needs_numba
 @pytest.mark.parametrize("k", [2, 3])
 def test_group_kernels_match_dense_algebra(k):
     rng, gstart, gsize, V, N = _groups(5 + k, k)
@@ -215,6 +222,7 @@ def test_group_kernels_match_dense_algebra(k):
     assert small.any() and not small.all()  # both outcomes are exercised
 
 
+@needs_numba
 def test_group_step_marks_a_non_finite_block():
     rng, gstart, gsize, V, N = _groups(2, 2, G=4)
     W = np.full(N, 0.1)
@@ -283,6 +291,7 @@ def test_vector_term_fit_is_the_same_with_either_path():
     np.testing.assert_allclose(res.fixed["std_error"], ref.fixed["std_error"], rtol=1e-6)
 
 
+@needs_numba
 def test_warm_compiles_what_a_fit_uses():
     counts = kernels.warm()
     used = {"z_times", "zt_times", "weighted_buffer", "logit_finish", "own_products",
