@@ -19,7 +19,7 @@ warm             compile or load every kernel once (deployment images run it at 
 z_times          ``ZΛ u`` from the own-entry rows ``V`` (n, K) and columns ``cit`` (K, n)
 zt_times         ``Λ'Z' v`` for a vector ``v`` (n,)
 weighted_buffer  ``V[:, a] W V[:, b]`` summed into buffer targets, for own-entry pairs (a, b)
-factor_dense1    the leading factor and cross block of a dense-rest level (``k1 = 1``)
+factor_dense1    the factor of a dense-rest level with ``k1 = 1`` (leading, cross, Schur complement)
 inverse_dense1   ``A⁻¹`` on the pattern of such a level
 own_products     ``A⁻¹ v_i`` on each observation's own columns and ``v_i'A⁻¹v_i``
 gradient_rows    the per-observation rows of the analytic Laplace gradient
@@ -246,13 +246,16 @@ def _build():
         return s, M
 
     @njit(cache=True, nogil=True)
-    def factor_dense1(buf, m1, r, off_cross, pair_g, pair_j):
+    def factor_dense1(buf, m1, r, off_cross, off_rest, pair_g, pair_j):
+        # status 0: factored; 1: a leading block is not positive; 2: the Schur complement
+        # is not positive definite
         linv = np.empty(m1)
+        L22 = np.zeros((r, r))
         logdet = 0.0
         for g in range(m1):
             a = buf[g] + 1.0
             if not a > 0.0 or not np.isfinite(a):
-                return linv, np.empty(0), np.empty((0, 0)), np.nan
+                return linv, np.empty(0), np.empty((0, 0)), L22, np.nan, 1
             l = np.sqrt(a)
             linv[g] = 1.0 / l
             logdet += 2.0 * np.log(l)
@@ -264,7 +267,27 @@ def _build():
             v = buf[off_cross + p] * linv[g]
             L21[p] = v
             D[g, pair_j[p]] = v
-        return linv, L21, D, logdet
+        # S = I + rest - D'D (one BLAS product), then its lower Cholesky factor L22
+        S = np.dot(D.T, D)
+        for j in range(r):
+            for i in range(j, r):
+                S[i, j] = buf[off_rest + i * r + j] - S[i, j]
+            S[j, j] += 1.0
+        for j in range(r):
+            d = S[j, j]
+            for m in range(j):
+                d -= L22[j, m] * L22[j, m]
+            if not d > 0.0 or not np.isfinite(d):
+                return linv, L21, D, L22, np.nan, 2
+            ljj = np.sqrt(d)
+            L22[j, j] = ljj
+            logdet += 2.0 * np.log(ljj)
+            for i in range(j + 1, r):
+                e = S[i, j]
+                for m in range(j):
+                    e -= L22[i, m] * L22[j, m]
+                L22[i, j] = e / ljj
+        return linv, L21, D, L22, logdet, 0
 
     @njit(cache=True, nogil=True)
     def inverse_dense1(linv, Cd, T, pair_g, pair_j, rest):
@@ -385,18 +408,20 @@ def gradient_rows(V, cit, u, x, d1, c, D2, W, Y):
 
 
 def factor_dense1(lv, buf: np.ndarray):
-    """The leading blocks and the cross block of a dense-rest level with ``k1 = 1`` (one
-    scalar random effect per leading level, as the first term of ``(1 | a) + (1 | b)``).
+    """The whole factor of a dense-rest level with ``k1 = 1`` (one scalar random effect per
+    leading level, as the first term of ``(1 | a) + (1 | b)``).
 
-    Returns ``None`` when numba is not in use (the caller then takes its numpy path), else
-    ``(L11inv (m1,), L21 (npairs,), L21 dense (m1, r), log|L11|²)``, with a NaN
-    log-determinant when a leading block is not positive. The caller forms the Schur
-    complement with one BLAS product ``L21'L21``.
+    The leading blocks and the cross block, the Schur complement
+    ``S = I + rest - L21'L21`` (one BLAS product) and its lower Cholesky factor, in one
+    call. Returns ``None`` when numba is not in use (the caller then takes its numpy
+    path), else ``(L11inv (m1,), L21 (npairs,), L21 dense (m1, r), L22 (r, r), log det A,
+    status)`` with ``status`` 0 when factored, 1 when a leading block is not positive and
+    2 when the Schur complement is not positive definite (log det NaN for both).
     """
     jit = _jit()
     if not jit:
         return None
-    return jit.factor_dense1(buf, lv.m1, lv.r, lv.off_cross, lv.pair_g, lv.pair_j)
+    return jit.factor_dense1(buf, lv.m1, lv.r, lv.off_cross, lv.off_rest, lv.pair_g, lv.pair_j)
 
 
 def inverse_dense1(lv, linv: np.ndarray, D: np.ndarray, rest: np.ndarray):

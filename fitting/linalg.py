@@ -24,7 +24,6 @@ fixed_blocks     ``RZX``, ``RX`` (and the penalised residual) for an augmented `
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -126,12 +125,12 @@ def _factor_level(lv, buf: np.ndarray) -> Factor:
     if k1 == 1 and lv.dense:
         parts = kernels.factor_dense1(lv, buf)
         if parts is not None:
-            linv, L21, D, ld1 = parts
-            if not math.isfinite(ld1):
+            linv, L21, D, L22, logdet, status = parts
+            if status == 1:
                 raise NotPositiveDefinite("diagonal block not positive definite")
-            S = buf[lv.off_rest:].reshape(r, r) - D.T @ D
-            _add_identity(S)
-            return _factor_dense_rest(linv[:, None, None], L21[:, None], S, ld1)._replace(L21d=D)
+            if status == 2:
+                raise NotPositiveDefinite("Schur complement not positive definite")
+            return Factor(linv[:, None, None], L21[:, None], L22, None, float(logdet), D)
     A11 = buf[: lv.off_cross].reshape(m1, k1, k1) + np.eye(k1)
     L11inv, ld1 = _chol_blocks(A11, k1)
     if not r:

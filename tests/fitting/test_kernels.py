@@ -110,6 +110,17 @@ def test_factor_and_inverse_match_numpy_and_dense(layout):
     np.testing.assert_allclose(linalg.solve_A(st, fac, b), Ainv @ b, rtol=1e-10, atol=1e-12)
 
 
+def test_factor_reports_a_schur_complement_that_is_not_positive_definite():
+    st, V, u, W, _ = _pieces(LAYOUTS["crossed"])
+    lv = st.level
+    buf = linalg.weighted_buffer(st, V, W).copy()
+    buf[lv.off_rest] = -100.0  # the first diagonal entry of the rest block
+    with pytest.raises(linalg.NotPositiveDefinite, match="Schur complement"):
+        linalg._factor_level(lv, buf)
+    with numpy_twins(), pytest.raises(linalg.NotPositiveDefinite, match="Schur complement"):
+        linalg._factor_level(lv, buf)
+
+
 def test_factor_reports_a_non_positive_leading_block():
     st, V, u, W, _ = _pieces(LAYOUTS["crossed"])
     W = W.copy()
