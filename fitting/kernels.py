@@ -290,10 +290,32 @@ def _build():
         return linv, L21, D, L22, logdet, 0
 
     @njit(cache=True, nogil=True)
-    def inverse_dense1(linv, Cd, T, pair_g, pair_j, rest):
-        m1, r = Cd.shape
+    def inverse_dense1(linv, D, L22, pair_g, pair_j):
+        m1, r = D.shape
         npairs = pair_g.size
-        out = np.empty(m1 + npairs + rest.size)
+        # S⁻¹ = L22⁻ᵀ L22⁻¹ from the lower factor: Li = L22⁻¹ column by column, then Li'Li
+        Li = np.zeros((r, r))
+        for j in range(r):
+            Li[j, j] = 1.0 / L22[j, j]
+            for i in range(j + 1, r):
+                e = 0.0
+                for m in range(j, i):
+                    e -= L22[i, m] * Li[m, j]
+                Li[i, j] = e / L22[i, i]
+        Sinv = np.empty((r, r))
+        for a in range(r):
+            for b in range(a, r):
+                e = 0.0
+                for m in range(b, r):
+                    e += Li[m, a] * Li[m, b]
+                Sinv[a, b] = e
+                Sinv[b, a] = e
+        Cd = np.empty((m1, r))
+        for g in range(m1):
+            for j in range(r):
+                Cd[g, j] = D[g, j] * linv[g]
+        T = np.dot(Cd, Sinv)
+        out = np.empty(m1 + npairs + r * r)
         for g in range(m1):
             s = linv[g] * linv[g]
             for j in range(r):
@@ -301,7 +323,10 @@ def _build():
             out[g] = s
         for p in range(npairs):
             out[m1 + p] = -T[pair_g[p], pair_j[p]]
-        out[m1 + npairs:] = rest
+        base = m1 + npairs
+        for a in range(r):
+            for b in range(r):
+                out[base + a * r + b] = Sinv[a, b]
         return out
 
     return SimpleNamespace(factor_dense1=factor_dense1, inverse_dense1=inverse_dense1, z_times=z_times, zt_times=zt_times, weighted_buffer=weighted_buffer,
@@ -424,19 +449,18 @@ def factor_dense1(lv, buf: np.ndarray):
     return jit.factor_dense1(buf, lv.m1, lv.r, lv.off_cross, lv.off_rest, lv.pair_g, lv.pair_j)
 
 
-def inverse_dense1(lv, linv: np.ndarray, D: np.ndarray, rest: np.ndarray):
+def inverse_dense1(lv, linv: np.ndarray, D: np.ndarray, L22: np.ndarray):
     """``A⁻¹`` on the pattern of a dense-rest level with ``k1 = 1``, in its buffer layout.
 
-    With ``C = L21 L11⁻¹`` (dense, ``D`` scaled by ``linv`` per row) and ``S⁻¹`` the
-    inverse Schur complement (``rest``, r × r flattened): diagonal ``linv² + (C S⁻¹ C')_gg``,
-    cross ``-(C S⁻¹)`` on the pairs, then ``S⁻¹``. Returns ``None`` without numba.
+    From the factor of :func:`factor_dense1`: ``S⁻¹ = L22⁻ᵀL22⁻¹`` (the inverse Schur
+    complement), ``C = L21 L11⁻¹`` (``D`` scaled by ``linv`` per row) and ``T = C S⁻¹``
+    (one BLAS product); then the diagonal ``linv² + (C S⁻¹ C')_gg``, the cross entries
+    ``-(C S⁻¹)`` on the pairs and ``S⁻¹`` (r × r). Returns ``None`` without numba.
     """
     jit = _jit()
     if not jit:
         return None
-    Cd = D * linv[:, None]
-    T = Cd @ rest.reshape(lv.r, lv.r)
-    return jit.inverse_dense1(linv, Cd, T, lv.pair_g, lv.pair_j, rest)
+    return jit.inverse_dense1(linv, D, L22, lv.pair_g, lv.pair_j)
 
 
 def logit_response(eta: np.ndarray, wy: np.ndarray, w: np.ndarray, unit: bool, *,

@@ -315,6 +315,10 @@ def _inverse_level(lv, fac: Factor) -> np.ndarray:
     Li = fac.L11inv
     if not r:
         return _lead_inverse(Li).ravel()
+    if k1 == 1 and lv.dense and fac.sub is None:
+        out = kernels.inverse_dense1(lv, Li[:, 0, 0], fac.L21d, fac.L22)
+        if out is not None:
+            return out
     if fac.sub is not None:
         rest = _inverse_level(lv.sub, fac.sub)
     else:
@@ -322,10 +326,6 @@ def _inverse_level(lv, fac: Factor) -> np.ndarray:
         if info != 0:  # pragma: no cover - L22 came from a successful dpotrf
             raise NotPositiveDefinite("dpotri failed")
         rest = (np.tril(Sinv) + np.tril(Sinv, -1).T).ravel()
-    if k1 == 1 and lv.dense:
-        out = kernels.inverse_dense1(lv, Li[:, 0, 0], fac.L21d, rest)
-        if out is not None:
-            return out
     A11inv = _lead_inverse(Li)
     Lp = np.take(Li, lv.pair_g, axis=0)
     C = np.einsum("pb,pbc->pc", fac.L21, Lp) if k1 > 1 else fac.L21 * Lp[:, 0]
