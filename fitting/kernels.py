@@ -21,6 +21,7 @@ zt_times         ``Λ'Z' v`` for a vector ``v`` (n,)
 weighted_buffer  ``V[:, a] W V[:, b]`` summed into buffer targets, for own-entry pairs (a, b)
 factor_dense1    the factor of a dense-rest level with ``k1 = 1`` (leading, cross, Schur complement)
 inverse_dense1   ``A⁻¹`` on the pattern of such a level
+solve_dense1     ``A⁻¹B`` through such a level's factor (forward and back substitution)
 own_products     ``A⁻¹ v_i`` on each observation's own columns and ``v_i'A⁻¹v_i``
 gradient_rows    the per-observation rows of the analytic Laplace gradient
 logit_response   μ, ``V(μ) = μ(1-μ)`` and the two sums of the logit deviance from η
@@ -37,7 +38,7 @@ import os
 import numpy as np
 
 __all__ = ["enabled", "warm", "z_times", "zt_times", "weighted_buffer", "own_products", "gradient_rows",
-           "factor_dense1", "inverse_dense1", "logit_response", "exp_neg_abs"]
+           "factor_dense1", "inverse_dense1", "solve_dense1", "logit_response", "exp_neg_abs"]
 
 _EPS = float(np.finfo(float).eps)
 #: rows per block of the product of ``1 + e^{-|η|}`` factors before one ``log`` (as
@@ -329,9 +330,39 @@ def _build():
                 out[base + a * r + b] = Sinv[a, b]
         return out
 
+    @njit(cache=True, nogil=True)
+    def solve_dense1(linv, D, L22, B):
+        # A⁻¹B = L⁻ᵀL⁻¹B with L = [[L11, 0], [L21, L22]], L11 = diag(1/linv), L21 = D
+        m1, r = D.shape
+        c = B.shape[1]
+        x1 = np.empty((m1, c))
+        for g in range(m1):
+            for j in range(c):
+                x1[g, j] = linv[g] * B[g, j]
+        x2 = B[m1:] - np.dot(D.T, x1)
+        for j in range(c):  # L22⁻¹, then L22⁻ᵀ, column by column
+            for i in range(r):
+                e = x2[i, j]
+                for m in range(i):
+                    e -= L22[i, m] * x2[m, j]
+                x2[i, j] = e / L22[i, i]
+            for i in range(r - 1, -1, -1):
+                e = x2[i, j]
+                for m in range(i + 1, r):
+                    e -= L22[m, i] * x2[m, j]
+                x2[i, j] = e / L22[i, i]
+        x1 -= np.dot(D, x2)
+        out = np.empty((m1 + r, c))
+        for g in range(m1):
+            for j in range(c):
+                out[g, j] = linv[g] * x1[g, j]
+        out[m1:] = x2
+        return out
+
     return SimpleNamespace(factor_dense1=factor_dense1, inverse_dense1=inverse_dense1, z_times=z_times, zt_times=zt_times, weighted_buffer=weighted_buffer,
                            logit_finish=logit_finish, own_products=own_products,
-                           gradient_rows=gradient_rows, exp_neg_abs=exp_neg_abs)
+                           gradient_rows=gradient_rows, exp_neg_abs=exp_neg_abs,
+                           solve_dense1=solve_dense1)
 
 
 # ----------------------------------------------------------------------------- API
@@ -461,6 +492,16 @@ def inverse_dense1(lv, linv: np.ndarray, D: np.ndarray, L22: np.ndarray):
     if not jit:
         return None
     return jit.inverse_dense1(linv, D, L22, lv.pair_g, lv.pair_j)
+
+
+def solve_dense1(lv, fac, B: np.ndarray):
+    """``A⁻¹B`` for ``B`` (q, c) through the factor of a dense-rest level with ``k1 = 1``
+    (:func:`factor_dense1`): ``L⁻¹`` then ``L⁻ᵀ``, the cross block by two BLAS products
+    and ``L22`` by substitution, in one call. Returns ``None`` without numba."""
+    jit = _jit()
+    if not jit:
+        return None
+    return jit.solve_dense1(fac.L11inv[:, 0, 0], fac.L21d, fac.L22, B)
 
 
 def logit_response(eta: np.ndarray, wy: np.ndarray, w: np.ndarray, unit: bool, *,

@@ -302,6 +302,12 @@ def solve_A(struct: Structure, fac: Factor, b: np.ndarray) -> np.ndarray:
     if struct.K == 1:
         d = fac.L11inv[:, 0, 0] ** 2
         return d * b if b.ndim == 1 else d[:, None] * b
+    lv = struct.level
+    if lv.k1 == 1 and lv.dense and lv.r and fac.sub is None and fac.L21d is not None:
+        B = b[:, None] if b.ndim == 1 else b
+        out = kernels.solve_dense1(lv, fac, np.ascontiguousarray(B, dtype=np.float64))
+        if out is not None:
+            return out[:, 0] if b.ndim == 1 else out
     return solve_Lt(struct, fac, solve_L(struct, fac, b))
 
 

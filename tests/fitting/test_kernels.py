@@ -108,6 +108,10 @@ def test_factor_and_inverse_match_numpy_and_dense(layout):
     np.testing.assert_allclose(quad, np.einsum("iq,qr,ir->i", ZL, Ainv, ZL), rtol=1e-10)
     b = np.random.default_rng(2).normal(size=st.q)
     np.testing.assert_allclose(linalg.solve_A(st, fac, b), Ainv @ b, rtol=1e-10, atol=1e-12)
+    B = np.random.default_rng(3).normal(size=(st.q, 3))  # several right-hand sides (Jacobians)
+    np.testing.assert_allclose(linalg.solve_A(st, fac, B), Ainv @ B, rtol=1e-10, atol=1e-12)
+    with numpy_twins():
+        np.testing.assert_allclose(linalg.solve_A(st, fac0, B), Ainv @ B, rtol=1e-10, atol=1e-12)
 
 
 def test_factor_reports_a_schur_complement_that_is_not_positive_definite():
