@@ -195,7 +195,8 @@ def warm_up() -> bool:
     The runner sends this to every worker before it plans a job, so the workers' first
     imports (about a second) overlap planning instead of delaying the first task.
     """
-    import fitting  # noqa: F401
+    import fitting.api  # noqa: F401  (``import fitting`` alone loads no numerics: PEP 562)
+    import fitting.batch  # noqa: F401
     import service.dataset  # noqa: F401
 
     return True

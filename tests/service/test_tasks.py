@@ -73,3 +73,18 @@ def test_worker_imports_leave_out_the_database_layer():
                          text=True, timeout=120, check=True).stdout.split("\n")
     assert out[0] == "[]"
     assert out[1] == "True"  # storage.Store still works, importing the store on demand
+
+
+@pytest.mark.parametrize("how", ["warm_up", "preload"])
+def test_worker_warm_up_imports_the_numerics(how):
+    """``import fitting`` is lazy (PEP 562): warming a worker must import the fitter itself,
+    or its first task pays the imports (scipy.special, scipy.optimize, the batched fitter)."""
+    import subprocess
+    import sys
+
+    call = ("from service.tasks import warm_up; warm_up()" if how == "warm_up" else
+            "from service.cluster import PreloadPlugin; PreloadPlugin().setup(None)")
+    code = (f"import sys; {call}; "
+            "print(all(m in sys.modules for m in ('fitting.batch', 'fitting.api', 'scipy.special')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
