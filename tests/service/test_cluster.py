@@ -77,10 +77,16 @@ def test_local_workers_start_with_the_pre_spawn_environment(tmp_path):
     allocator settings of ``worker_environ`` (set before the server or worker starts)."""
     import json
 
+    import os
+
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
+    # a value already in the environment wins over Dask's pre-spawn settings (Dask's rule),
+    # and an earlier in-process cluster of this test session leaves Dask's defaults there
+    env = {k: v for k, v in os.environ.items()
+           if k not in cluster.BLAS_ENV and not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180,
-                         cwd=tmp_path)
+                         cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     workers = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(workers) == 2
