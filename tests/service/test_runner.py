@@ -60,6 +60,33 @@ def _assert_complete_once(store, job_id: int, n: int) -> None:
 # ----------------------------------------------------------------- resume
 
 
+def _slow_reads(seconds: float) -> None:
+    """Make this worker process pause before reading each task's slice (test hook).
+
+    Runs on the workers through ``client.run``. A task then stays on its worker long
+    enough to be killed while it runs; otherwise a fast fit may finish between the test
+    seeing it in ``processing()`` and the SIGKILL, and the scheduler merely recomputes a
+    finished result (no KilledWorker, no retry to observe). Restarted workers come back
+    without the pause.
+    """
+    import service.tasks as tasks
+
+    original = getattr(tasks._read, "__wrapped__", tasks._read)
+
+    def paused(descriptor):
+        time.sleep(seconds)
+        return original(descriptor)
+
+    paused.__wrapped__ = original
+    tasks._read = paused
+
+
+def _restore_reads() -> None:
+    import service.tasks as tasks
+
+    tasks._read = getattr(tasks._read, "__wrapped__", tasks._read)
+
+
 def test_resume_after_killed_consumer(tmp_path, local_cluster):
     # larger strata so the first consumer is still busy when it is killed
     n = 16
@@ -69,6 +96,10 @@ def test_resume_after_killed_consumer(tmp_path, local_cluster):
     store = open_store(url)
     rec = submit(job["spec"], store=store)
     lease = 2.0
+    import distributed
+
+    pauser = distributed.Client(local_cluster)
+    pauser.run(_slow_reads, 0.2)  # ~0.8 s for the 16 one-stratum tasks on 4 threads
     proc = subprocess.Popen(
         stratafit_cmd("worker", "--once", "--store", url,
                       "--scheduler", local_cluster.scheduler_address,
@@ -85,6 +116,8 @@ def test_resume_after_killed_consumer(tmp_path, local_cluster):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        pauser.run(_restore_reads)
+        pauser.close()
     done_before = _fitted(store, rec.id)
     assert 2 <= done_before < n, "the first consumer finished before it was killed"
     killed = store.get_job(rec.id)
@@ -188,6 +221,7 @@ def test_killed_worker_is_retried(demo_job, tmp_path, local_cluster):
     scheduler.allowed_failures = 0  # the first lost worker raises KilledWorker
     try:
         with distributed.Client(local_cluster) as client:
+            client.run(_slow_reads, 1.0)
             runner = Runner(store, client, owner, lease_seconds=30, write_batch=1,
                             max_in_flight=2, retry=RetryPolicy(max_retries=5, base_delay=0.2))
             out: dict = {}
@@ -205,6 +239,7 @@ def test_killed_worker_is_retried(demo_job, tmp_path, local_cluster):
                 os.kill(pid, signal.SIGKILL)
             finally:
                 thread.join(timeout=120)
+                client.run(_restore_reads)
     finally:
         scheduler.allowed_failures = allowed
     assert not thread.is_alive()
