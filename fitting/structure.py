@@ -20,6 +20,7 @@ factors), else a dense block. The symbolic analysis is done once per design.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,34 +150,41 @@ class Level:
         b = np.asarray(b, dtype=np.int64)
         out = np.full(a.shape, -1, dtype=np.int64)
         upper = np.zeros(a.shape, dtype=bool)
-        k1, q1 = self.k1, self.q1
-        lead_a, lead_b = a < q1, b < q1
-        m = lead_a & lead_b
-        if k1 == 1:  # (integer division is slow: skip it for scalar blocks)
-            out[m] = a[m]
-        else:
-            out[m] = (a[m] // k1) * (k1 * k1) + (a[m] % k1) * k1 + (b[m] % k1)
-        m = ~lead_a & lead_b
-        if m.any():
-            bm = b[m]
-            g, c = (bm, 0) if k1 == 1 else (bm // k1, bm % k1)
-            out[m] = self.off_cross + self._pair_id(g * self.r + (a[m] - q1)) * k1 + c
-        m = lead_a & ~lead_b
-        if m.any():
-            am = a[m]
-            g, c = (am, 0) if k1 == 1 else (am // k1, am % k1)
-            out[m] = self.off_cross + self._pair_id(g * self.r + (b[m] - q1)) * k1 + c
-            upper[m] = True
-        m = ~lead_a & ~lead_b
-        if m.any():
-            ra, rb = a[m] - q1, b[m] - q1
-            if self.sub is None:
-                out[m] = self.off_rest + ra * self.r + rb
-            else:
-                sub, sub_upper = self.sub.index_both(ra, rb)
-                out[m] = np.where(sub >= 0, self.off_rest + sub, -1)
-                upper[m] = sub_upper
+        lead_a, lead_b = a < self.q1, b < self.q1
+        for in_a, in_b in ((True, True), (False, True), (True, False), (False, False)):
+            m = (lead_a if in_a else ~lead_a) & (lead_b if in_b else ~lead_b)
+            if m.all():  # one kind of entry only (the structure asks term pair by term pair)
+                out[...], upper[...] = self._index_kind(in_a, in_b, a, b)
+                break
+            if m.any():
+                out[m], upper[m] = self._index_kind(in_a, in_b, a[m], b[m])
         return out, upper
+
+    def _index_kind(self, lead_a: bool, lead_b: bool, a: np.ndarray, b: np.ndarray):
+        """:meth:`index_both` of entries that are all of one kind (leading or rest row/column)."""
+        k1, q1 = self.k1, self.q1
+        if lead_a and lead_b:
+            if k1 == 1:  # (integer division is slow: skip it for scalar blocks)
+                return a, False
+            return (a // k1) * (k1 * k1) + (a % k1) * k1 + (b % k1), False
+        if lead_b or lead_a:  # cross entry: rest row under a leading column, or its mirror
+            lead, rest = (b, a) if lead_b else (a, b)
+            g, c = (lead, 0) if k1 == 1 else (lead // k1, lead % k1)
+            return self.off_cross + self._pair_id(g * self.r + (rest - q1)) * k1 + c, lead_a
+        ra, rb = a - q1, b - q1
+        if self.sub is None:
+            return self.off_rest + ra * self.r + rb, False
+        sub, sub_upper = self.sub.index_both(ra, rb)
+        return np.where(sub >= 0, self.off_rest + sub, -1), sub_upper
+        return out, upper
+
+
+@functools.lru_cache(maxsize=16)
+def _tril_column_major(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the lower triangle of a k x k block in column-major order."""
+    tr = np.tril_indices(k)
+    o = np.lexsort((tr[0], tr[1]))  # sort by column, then row
+    return _ro(tr[0][o]), _ro(tr[1][o])
 
 
 def _build_level(sizes: list, rows: np.ndarray, cols: np.ndarray) -> Level:
@@ -457,10 +465,7 @@ def build_structure(re_terms: tuple[ReTerm, ...], n: int) -> Structure:
             raise DataError(f"grouping factor {rt.group!r}: level codes out of range")
         if np.bincount(codes, minlength=m).min() == 0:
             raise DataError(f"grouping factor {rt.group!r} has levels without observations")
-        tr = np.tril_indices(k)
-        # column-major order of the lower triangle: sort by column, then row
-        o = np.lexsort((tr[0], tr[1]))
-        tril = (tr[0][o], tr[1][o])
+        tril = _tril_column_major(k)
         for r_, c_ in zip(*tril):
             if r_ == c_:
                 names.append(f"{rt.group}.{rt.term_names[r_]}")
@@ -493,11 +498,13 @@ def build_structure(re_terms: tuple[ReTerm, ...], n: int) -> Structure:
     key = _unique_int(rows * q + cols, q * q)
     level = _build_level([(t.k, t.m) for t in terms], key // q, key % q)
     # own-entry pairs (i, a, b) in observation-major order: rows/cols above are exactly that
-    gather, upper = level.index_both(rows, cols)
-    btgt = np.where(upper, -1, gather)
-    gather = gather.reshape(n, K, K)
-    build_src = np.flatnonzero(btgt >= 0)
-    build_tgt = btgt[build_src]
+    gather = np.empty((n, K, K), dtype=np.int64)
+    upper = np.empty((n, K, K), dtype=bool)
+    for ka in range(K):  # term pair by term pair: each call sees one kind of entry
+        for kb in range(K):
+            gather[:, ka, kb], upper[:, ka, kb] = level.index_both(col_index[:, ka],
+                                                                 col_index[:, kb])
+    keep = ~upper & (gather >= 0)  # the entries A is built from (lower cross block once)
 
     # ---- entries sorted by column of u
     flat_cols = col_index.ravel()
@@ -508,13 +515,18 @@ def build_structure(re_terms: tuple[ReTerm, ...], n: int) -> Structure:
 
     # build of A by own-entry pairs (a, b): regular when every observation keeps the same
     # pairs (it does: what is kept depends only on the terms of a and b)
-    nab = build_src.size // n
-    ab = build_src[:nab] % (K * K)
+    kept = keep.all(axis=0).ravel()
     build_ab = build_tgt_t = None
-    if nab * n == build_src.size and np.array_equal(
-            build_src.reshape(n, nab), np.arange(n)[:, None] * (K * K) + ab[None, :]):
+    if np.array_equal(kept, keep.any(axis=0).ravel()):
+        ab = np.flatnonzero(kept)
+        build_src = (np.arange(n)[:, None] * (K * K) + ab[None, :]).ravel()
+        targets = gather.reshape(n, K * K)[:, ab]
+        build_tgt = targets.ravel()
         build_ab = np.stack([ab // K, ab % K], axis=1)
-        build_tgt_t = build_tgt.reshape(n, nab).T.ravel()
+        build_tgt_t = targets.T.ravel()
+    else:
+        build_src = np.flatnonzero(keep.ravel())
+        build_tgt = gather.ravel()[build_src]
 
     return Structure(
         n=n, q=q, K=K, terms=tuple(terms), col_index=_ro(col_index), term_cols=tuple(term_cols),
