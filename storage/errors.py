@@ -13,6 +13,7 @@ __all__ = [
     "JobNotFound",
     "InvalidTransition",
     "InvalidRecordError",
+    "MigrationError",
 ]
 
 
@@ -80,3 +81,7 @@ class InvalidRecordError(StorageError, ValueError):
     Raised before anything is written (unknown status, unknown column names, a fitted
     status without a ``fit`` dict, a result for an unregistered stratum, ...).
     """
+
+
+class MigrationError(StorageError):
+    """The schema could not be migrated (Alembic's own error, e.g. an unknown revision)."""

@@ -44,14 +44,14 @@ from typing import Any, ParamSpec, TypeVar
 
 import pandas as pd
 import sqlalchemy as sa
-from alembic.util import CommandError
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from storage import migrate
 from storage.engine import WRITE_OPTION, create_engine, json_dumps, resolve_url
-from storage.errors import InvalidRecordError, JobNotFound, StaleAttemptError, StorageError
+from storage.errors import (InvalidRecordError, JobNotFound, MigrationError, StaleAttemptError,
+                            StorageError)
 from storage.models import Job, Stratum, UTCDateTime, utcnow
 from storage.records import JobRecord, StratumPlan, StratumResult
 from storage.results import TABLES, chunks, read_result_table, write_results
@@ -77,7 +77,7 @@ def _wrap_db_errors(method: Callable[_P, _R]) -> Callable[_P, _R]:
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return method(*args, **kwargs)
-        except (sa.exc.SQLAlchemyError, CommandError) as exc:
+        except (sa.exc.SQLAlchemyError, MigrationError) as exc:
             raise StorageError(f"{method.__name__} failed: {exc}") from exc
 
     return wrapper

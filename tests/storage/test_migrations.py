@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -10,8 +12,8 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from storage import Store
-from storage.migrate import alembic_config, heads
+from storage import Store, StorageError
+from storage.migrate import HEAD_REVISION, alembic_config, current_revision, heads
 from storage.models import metadata
 
 TABLES = {"jobs", "strata", "fits", "coefficients", "variance_components", "random_effects"}
@@ -40,6 +42,38 @@ def _tables(url: str) -> set[str]:
 
 def test_single_head():
     assert len(heads()) == 1
+
+
+def test_head_revision_constant_is_alembic_head():
+    # the fast path of upgrade() trusts HEAD_REVISION: a new migration must update it
+    assert heads() == (HEAD_REVISION,)
+
+
+def test_store_at_head_opens_without_alembic(tmp_path):
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    with Store(url) as store:
+        store.upgrade()
+    code = (
+        "import sys\n"
+        "from storage import Store\n"
+        f"s = Store({url!r}); s.upgrade(); s.submit_job(name='j', spec={{}}, spec_hash='h')\n"
+        "print('alembic' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_unknown_revision_is_a_storage_error(store_url):
+    with Store(store_url) as store:
+        store.upgrade()
+    engine = sa.create_engine(store_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+        assert current_revision(conn) == "9999"
+    engine.dispose()
+    with Store(store_url) as store, pytest.raises(StorageError, match="upgrade failed.*9999"):
+        store.upgrade()
 
 
 def test_migrations_match_models(store_url):
