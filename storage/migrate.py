@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Connection, func, inspect, select, text
 
 from storage.errors import MigrationError
+from storage.models import metadata
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
 __all__ = ["HEAD_REVISION", "MIGRATIONS_DIR", "PG_MIGRATION_LOCK", "alembic_config",
-           "current_revision", "heads", "upgrade_head"]
+           "current_revision", "heads", "run_migrations", "upgrade_head"]
 
 #: The revision id of the newest migration (``migrations/versions``), written down so
 #: that opening a store already at head needs no Alembic at all (importing Alembic takes
@@ -93,6 +94,11 @@ def current_revision(connection: Connection) -> str | None:
 def upgrade_head(connection: Connection) -> None:
     """Upgrade the database behind ``connection`` to the head revision.
 
+    A new database (none of the tables, no ``alembic_version``) gets the models' schema
+    stamped at head; one stamped at :data:`HEAD_REVISION` is left alone; anything else
+    goes through Alembic's migrations (:func:`run_migrations`). Only that last case
+    imports Alembic.
+
     Runs inside the connection's current transaction (the caller commits). On PostgreSQL
     a transaction-scoped advisory lock is taken first, so concurrent callers wait for
     each other and the later ones find the schema already at head (a no-op). On SQLite the
@@ -112,12 +118,48 @@ def upgrade_head(connection: Connection) -> None:
     with _PROCESS_LOCK:
         if connection.dialect.name == "postgresql":
             connection.execute(select(func.pg_advisory_xact_lock(PG_MIGRATION_LOCK)))
+        names = set(inspect(connection).get_table_names())
+        if "alembic_version" not in names and not names & set(metadata.tables):
+            _create_at_head(connection)  # a new database: no Alembic to import
+            return
         if current_revision(connection) == HEAD_REVISION:
-            return  # at head: nothing to run (and no Alembic to import)
-        from alembic import command
-        from alembic.util import CommandError
+            return  # at head: nothing to run
+        run_migrations(connection)
 
-        try:
-            command.upgrade(alembic_config(connection=connection), "head")
-        except CommandError as exc:
-            raise MigrationError(str(exc)) from exc
+
+def run_migrations(connection: Connection) -> None:
+    """Run Alembic's migrations up to head on ``connection`` (in its transaction).
+
+    :func:`upgrade_head` calls this for a database that is neither new nor at head; the
+    tests call it to check the migration scripts themselves.
+
+    Raises
+    ------
+    storage.errors.MigrationError
+        Alembic could not upgrade (e.g. an unknown revision).
+    """
+    from alembic import command
+    from alembic.util import CommandError
+
+    try:
+        command.upgrade(alembic_config(connection=connection), "head")
+    except CommandError as exc:
+        raise MigrationError(str(exc)) from exc
+
+
+def _create_at_head(connection: Connection) -> None:
+    """Create the models' schema and stamp it with :data:`HEAD_REVISION`.
+
+    Alembic's documented way of starting a new database ("create_all, then stamp head"):
+    the same tables, constraints and indexes as running every migration (the tests
+    compare both with the models and with each other), and Alembic manages the result
+    like any migrated database.
+    """
+    metadata.create_all(connection)
+    # the table Alembic itself creates (same name, column and primary-key constraint)
+    connection.execute(text(
+        "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+        "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+    ))
+    connection.execute(text("INSERT INTO alembic_version (version_num) VALUES (:v)"),
+                       {"v": HEAD_REVISION})

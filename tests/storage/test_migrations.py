@@ -13,7 +13,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from storage import Store, StorageError
-from storage.migrate import HEAD_REVISION, alembic_config, current_revision, heads
+from storage.migrate import (HEAD_REVISION, alembic_config, current_revision, heads,
+                             run_migrations)
 from storage.models import metadata
 
 TABLES = {"jobs", "strata", "fits", "coefficients", "variance_components", "random_effects"}
@@ -76,11 +77,98 @@ def test_unknown_revision_is_a_storage_error(store_url):
         store.upgrade()
 
 
+def _migrate(url: str) -> None:
+    """Alembic's migrations themselves (Store.upgrade creates a new database directly)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            run_migrations(conn)
+    finally:
+        engine.dispose()
+
+
+def _revision(url: str) -> str | None:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return current_revision(conn)
+    finally:
+        engine.dispose()
+
+
 def test_migrations_match_models(store_url):
+    _migrate(store_url)
+    assert _diffs(store_url) == []
+    assert _tables(store_url) == TABLES | {"alembic_version"}
+    assert _revision(store_url) == HEAD_REVISION
+
+
+def test_new_database_is_created_at_head(store_url):
     with Store(store_url) as store:
         store.upgrade()
     assert _diffs(store_url) == []
     assert _tables(store_url) == TABLES | {"alembic_version"}
+    assert _revision(store_url) == HEAD_REVISION
+    # Alembic manages it like a migrated one: down to base and up again by the scripts
+    engine = sa.create_engine(store_url)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), "base")
+    engine.dispose()
+    assert _tables(store_url) <= {"alembic_version"}
+    _migrate(store_url)
+    assert _diffs(store_url) == [] and _revision(store_url) == HEAD_REVISION
+
+
+def test_created_and_migrated_schemas_agree(tmp_path):
+    """The same tables, columns, constraints and indexes either way (SQLite DDL)."""
+    import re
+
+    def items(sql: str) -> list[str]:
+        """A CREATE statement as its head and the sorted top-level items of its body."""
+        sql = re.sub(r"\s+", " ", sql)
+        sql = re.sub(r"\( ", "(", re.sub(r" \)", ")", sql))
+        if not sql.startswith("CREATE TABLE"):
+            return [sql]
+        head, body = sql[:sql.index("(")].strip(), sql[sql.index("(") + 1:sql.rindex(")")]
+        parts, depth, start = [], 0, 0
+        for i, ch in enumerate(body):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if ch == "," and depth == 0:
+                parts.append(body[start:i].strip())
+                start = i + 1
+        parts.append(body[start:].strip())
+        return [head, *sorted(parts)]
+
+    def ddl(url: str) -> dict[str, list[str]]:
+        engine = sa.create_engine(url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(sa.text(
+                    "SELECT name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"))
+                return {name: items(sql or "") for name, sql in rows}
+        finally:
+            engine.dispose()
+
+    created, migrated = f"sqlite:///{tmp_path / 'c.db'}", f"sqlite:///{tmp_path / 'm.db'}"
+    with Store(created) as store:
+        store.upgrade()
+    _migrate(migrated)
+    got, want = ddl(created), ddl(migrated)
+    assert len(want) == len(TABLES) + 1 + 4 and len(want["strata"]) > 10  # tables, indexes
+    assert got == want
+
+
+def test_new_database_is_created_without_alembic(tmp_path):
+    code = (
+        "import sys\n"
+        "from storage import Store\n"
+        f"s = Store({str(tmp_path / 'n.db')!r}.join(['sqlite:///', ''])); s.upgrade()\n"
+        "s.submit_job(name='j', spec={}, spec_hash='h')\n"
+        "print('alembic' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_upgrade_is_idempotent(store_url):
