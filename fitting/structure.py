@@ -176,7 +176,6 @@ class Level:
             return self.off_rest + ra * self.r + rb, False
         sub, sub_upper = self.sub.index_both(ra, rb)
         return np.where(sub >= 0, self.off_rest + sub, -1), sub_upper
-        return out, upper
 
 
 @functools.lru_cache(maxsize=16)
