@@ -107,7 +107,10 @@ def _build():
                 delta[g, :] = np.nan
                 small[g] = False
                 continue
-            for j in range(k):  # Li = L⁻¹ (lower), column by column
+            # Li = L⁻¹ (lower), column by column; then A⁻¹ = Li'Li. The same few lines as
+            # kernels.inverse_dense1 on purpose: numba's cache notices edits to a kernel's own
+            # file only, so a helper shared across the two files could run stale.
+            for j in range(k):
                 for i in range(k):
                     Li[i, j] = 0.0
                 Li[j, j] = 1.0 / L[j, j]

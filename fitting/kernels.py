@@ -295,6 +295,7 @@ def _build():
         m1, r = D.shape
         npairs = pair_g.size
         # S⁻¹ = L22⁻ᵀ L22⁻¹ from the lower factor: Li = L22⁻¹ column by column, then Li'Li
+        # (written out again in group_kernels.group_step: see the note there)
         Li = np.zeros((r, r))
         for j in range(r):
             Li[j, j] = 1.0 / L22[j, j]

@@ -22,6 +22,8 @@ import dask
 import distributed
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from service.tasks import WORKER_MODULES
+
 __all__ = [
     "connect",
     "ClusterStarter",
@@ -86,12 +88,9 @@ class BlasThreadsPlugin(WorkerPlugin):
         threadpool_limits(limits=self.limit)
 
 
-#: Modules every worker imports when it joins (``PreloadPlugin``): what ``run_task`` needs.
-#: ``fitting`` loads its numerics on first use (PEP 562), so its batched fitter and the
-#: modules behind ``fitting.fit`` are named themselves: ``import fitting`` alone left
-#: ~0.8 s of imports (scipy.special, scipy.optimize, the fitter) to each worker's first task.
-PRELOAD_MODULES = ("service.tasks", "service.convert", "service.dataset", "fitting",
-                   "fitting.api", "fitting.batch")
+#: Modules every worker imports when it joins (``PreloadPlugin``): what ``run_task`` needs
+#: (:data:`service.tasks.WORKER_MODULES`).
+PRELOAD_MODULES = WORKER_MODULES
 
 
 class PreloadPlugin(WorkerPlugin):

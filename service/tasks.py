@@ -20,7 +20,7 @@ import pandas as pd
 
 from storage.records import StratumPlan, StratumResult
 
-__all__ = ["run_task", "split_strata", "fit_stratum", "fit_batched", "warm_up", "BATCHED",
+__all__ = ["run_task", "split_strata", "fit_stratum", "fit_batched", "warm_up", "WORKER_MODULES", "BATCHED",
            "EMPTY_STRATUM"]
 
 #: ``error_class`` of a planned stratum with no rows in its slice.
@@ -189,16 +189,25 @@ def fit_batched(
     return out
 
 
+#: What :func:`run_task` imports on a worker (``warm_up`` and ``service.cluster``'s
+#: ``PreloadPlugin`` import these ahead of the first task). ``fitting`` loads its numerics
+#: on first use (PEP 562), so the modules behind ``fitting.fit`` and ``fitting.fit_many``
+#: are named themselves: ``import fitting`` alone left ~0.8 s of imports (scipy.special,
+#: scipy.optimize, the fitter) to each worker's first task.
+WORKER_MODULES = ("service.tasks", "service.convert", "service.dataset", "fitting",
+                  "fitting.api", "fitting.batch")
+
+
 def warm_up() -> bool:
-    """Import what :func:`run_task` needs (the fitter, pyarrow.dataset), then return.
+    """Import :data:`WORKER_MODULES` (the fitter, pyarrow.dataset), then return.
 
     The runner sends this to every worker before it plans a job, so the workers' first
     imports (about a second) overlap planning instead of delaying the first task.
     """
-    import fitting.api  # noqa: F401  (``import fitting`` alone loads no numerics: PEP 562)
-    import fitting.batch  # noqa: F401
-    import service.dataset  # noqa: F401
+    import importlib
 
+    for module in WORKER_MODULES:
+        importlib.import_module(module)
     return True
 
 
