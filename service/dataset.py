@@ -679,7 +679,8 @@ def _filesystem_for_root(root: str) -> tuple[pafs.FileSystem, str]:
     return _filesystem(root)
 
 
-def _descriptor_dataset(d: SliceDescriptor) -> tuple[ds.Dataset, pa.Schema]:
+def _descriptor_parts(d: SliceDescriptor) -> tuple[pafs.FileSystem, str, pa.Schema | None, Any]:
+    """A slice's filesystem, partition root, dataset schema and partitioning."""
     fs, root_path = _filesystem_for_root(d.root)
     schema = pa.ipc.read_schema(pa.py_buffer(d.schema)) if d.schema is not None else None
     partitioning: Any = None
@@ -688,6 +689,11 @@ def _descriptor_dataset(d: SliceDescriptor) -> tuple[ds.Dataset, pa.Schema]:
             partitioning = ds.HivePartitioning(pa.schema([schema.field(c) for c in d.partition_columns]))
         else:
             partitioning = ds.HivePartitioning.discover(infer_dictionary=False)
+    return fs, root_path, schema, partitioning
+
+
+def _descriptor_dataset(d: SliceDescriptor, fs: pafs.FileSystem, root_path: str,
+                        schema: pa.Schema | None, partitioning: Any) -> ds.Dataset:
     try:
         dataset = ds.dataset(list(d.files), schema=schema, format="parquet", filesystem=fs,
                              partitioning=partitioning,
@@ -703,30 +709,52 @@ def _descriptor_dataset(d: SliceDescriptor) -> tuple[ds.Dataset, pa.Schema]:
             rg = wanted.get(frag.path)
             frags.append(frag if rg is None else frag.subset(row_group_ids=list(rg)))
         dataset = ds.FileSystemDataset(frags, dataset.schema, dataset.format, fs)
-    return dataset, dataset.schema
+    return dataset
 
 
-def read_slice_table(descriptor: SliceDescriptor) -> pa.Table:
-    """Read one slice as an Arrow table (see :func:`read_slice`).
-
-    Parameters
-    ----------
-    descriptor : SliceDescriptor
-
-    Returns
-    -------
-    pyarrow.Table
-    """
-    d = descriptor
-    if not d.files:
-        raise DatasetError(f"slice of dataset {d.root} lists no files")
-    dataset, schema = _descriptor_dataset(d)
+def _columns_and_filter(d: SliceDescriptor, schema: pa.Schema) -> tuple[list[str], ds.Expression | None]:
     columns = list(dict.fromkeys([*d.columns, *d.strata_columns]))
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise DatasetError(f"dataset {d.root} has no column(s) {', '.join(map(repr, missing))}")
     strata = None if d.files_hold_strata else strata_expression(d.strata_columns, d.strata_values, schema)
     expr = _and_all([e for e in (filter_expression(d.filters, schema), strata) if e is not None])
+    return columns, expr
+
+
+def read_slice_table(descriptor: SliceDescriptor, *, direct: bool = True) -> pa.Table:
+    """Read one slice as an Arrow table (see :func:`read_slice`).
+
+    Parameters
+    ----------
+    descriptor : SliceDescriptor
+    direct : bool, default True
+        Read file by file on the calling thread (:func:`service.direct_read.read_direct`)
+        when that gives exactly the scan's table; ``False`` always scans with
+        ``pyarrow.dataset`` (the reference the tests compare the fast path with).
+
+    Returns
+    -------
+    pyarrow.Table
+    """
+    from service.direct_read import read_direct
+
+    d = descriptor
+    if not d.files:
+        raise DatasetError(f"slice of dataset {d.root} lists no files")
+    fs, root_path, schema, partitioning = _descriptor_parts(d)
+    if direct and schema is not None:
+        columns, expr = _columns_and_filter(d, schema)
+        filter_columns = [f[0] for f in d.filters if f and isinstance(f[0], str)]
+        try:
+            table = read_direct(fs, root_path, d.files, d.row_groups, schema, partitioning,
+                                d.partition_columns, columns, filter_columns, expr)
+        except (OSError, pa.ArrowException, ValueError):
+            table = None  # the scan below reads again and names the file that fails
+        if table is not None:
+            return table
+    dataset = _descriptor_dataset(d, fs, root_path, schema, partitioning)
+    columns, expr = _columns_and_filter(d, dataset.schema)
     try:
         # single-threaded like the worker it runs on (one task per worker thread): no
         # hand-offs to Arrow's CPU pool competing with the other workers' fits
