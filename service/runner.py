@@ -56,6 +56,7 @@ from service.runstate import (
     classify_task_error,
     is_transient_storage_error,
 )
+from service.heap import frozen_heap
 from service.tasks import run_task, warm_up  # light: imports the fitter only when run
 from storage.records import JobRecord, StratumPlan
 
@@ -353,7 +354,8 @@ class Runner:
             )
             self.last_state = state
             try:
-                _Attempt(self, job, spec, tasks, state, hb).run()
+                with frozen_heap():  # the collector skips the long-lived heap (service.heap)
+                    _Attempt(self, job, spec, tasks, state, hb).run()
             except (StorageUnavailable, KeyboardInterrupt):
                 raise
             except Exception as exc:  # a bug in the loop: fail the job, do not loop on it

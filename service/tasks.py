@@ -194,7 +194,8 @@ def fit_batched(
 #: on first use (PEP 562), so the modules behind ``fitting.fit`` and ``fitting.fit_many``
 #: are named themselves: ``import fitting`` alone left ~0.8 s of imports (scipy.special,
 #: scipy.optimize, the fitter) to each worker's first task.
-WORKER_MODULES = ("service.tasks", "service.convert", "service.dataset", "fitting",
+WORKER_MODULES = ("service.tasks", "service.convert", "service.dataset", "service.direct_read",
+                  "service.heap", "fitting",
                   "fitting.api", "fitting.batch")
 
 
@@ -243,6 +244,9 @@ def run_task(
     Exception
         Only when the slice itself cannot be read (the runner decides whether to retry).
     """
+    from service.heap import freeze_once
+
+    freeze_once()  # the worker's imported heap, out of the collector's walks (service.heap)
     plans: list[StratumPlan] = list(task.strata)
     data = _read(task.descriptor)
     columns = tuple(getattr(task.descriptor, "strata_columns", ()) or ())
