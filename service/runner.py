@@ -42,6 +42,7 @@ from typing import Any
 
 import distributed
 
+from service.heap import frozen_heap
 from service.runstate import (
     INFRA,
     LEASE_LOST,
@@ -56,7 +57,6 @@ from service.runstate import (
     classify_task_error,
     is_transient_storage_error,
 )
-from service.heap import frozen_heap
 from service.tasks import run_task, warm_up  # light: imports the fitter only when run
 from storage.records import JobRecord, StratumPlan
 

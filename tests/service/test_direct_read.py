@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 
 import numpy as np
 import pandas as pd
@@ -120,8 +121,7 @@ def test_files_the_scan_must_cast_go_through_the_scan(tmp_path, second, count_di
     pq.write_table(pa.table({"id": pa.array([1, 2], pa.int64()), "x": [0.5, 1.5]}), tmp_path / "k=1" / "a.parquet")
     pq.write_table(second, tmp_path / "k=2" / "b.parquet")
     h = open_dataset(tmp_path)
-    h_schema = h.schema
-    assert h_schema.field("id").type == pa.int64()
+    assert h.schema.field("id").type == pa.int64()
     got = same_as_scan(h.descriptor(columns=("id", "x"), strata_columns=("k",), strata_values=((1,), (2,))))
     assert got["id"].to_pylist() == [1, 2, 7, 8]
     assert count_direct == [False]
@@ -130,9 +130,6 @@ def test_files_the_scan_must_cast_go_through_the_scan(tmp_path, second, count_di
 def test_missing_file_still_named(hive, count_direct):
     h = open_dataset(hive)
     d = h.descriptor(columns=("x",))
-    victim = h.files[2]
-    import os
-
-    os.unlink(victim)
+    os.unlink(h.files[2])
     with pytest.raises(DatasetError, match="part-0.parquet"):
         read_slice(d)
