@@ -49,7 +49,7 @@ with the same targets:
   the first batch and is coarse on small jobs (batches of up to 200 results or 1 s).
 
     python benchmarks/bench_service.py [--quick] [--sizes 200,2000] [--workers 1,2]
-        [--fitter-sample 200] [--keep] [--batched]
+        [--fitter-sample 200] [--keep] [--batched] [--repeat 3]
 
 ``--batched`` runs the service with ``STRATAFIT_BATCHED=1`` (workers fit each task's
 strata with ``fitting.fit_many``) and times the fitter's own throughput with
@@ -339,64 +339,16 @@ def fitter_throughput(info: dict, workers: int, sample: int, batched: bool = Fal
 
 
 # ---------------------------------------------------------------------------------------
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="sizes 50,200; fitter sample 50")
-    ap.add_argument("--sizes", default=None, help="comma list of strata counts (default 200,2000)")
-    ap.add_argument("--workers", default="1,2", help="comma list of worker counts (default 1,2)")
-    ap.add_argument("--rows-per-stratum", type=int, default=2000)
-    ap.add_argument("--fitter-sample", type=int, default=None,
-                    help="strata sampled for the fitter's own throughput (default 200, quick 50)")
-    ap.add_argument("--timeout", type=float, default=3600.0, help="per run, seconds")
-    ap.add_argument("--keep", action="store_true", help="keep the SQLite stores (in benchmarks/out/service-runs)")
-    ap.add_argument("--batched", action="store_true",
-                    help="STRATAFIT_BATCHED=1 on the service; fitter side timed with fit_many")
-    args = ap.parse_args(argv)
-    sizes = [int(s) for s in (args.sizes or ("50,200" if args.quick else "200,2000")).split(",")]
-    workers = [int(w) for w in args.workers.split(",")]
-    sample = args.fitter_sample or (50 if args.quick else 200)
+# analysis of one round
+# ---------------------------------------------------------------------------------------
+RUN_HEADERS = ("strata", "workers", "exit", "job", "wall s", "e2e fits/s", "job fits/s",
+               "stream fits/s", "fitter fits/s", "e2e/fitter", "ms/fit in svc", "fit busy",
+               "coord RSS MB", "workers RSS MB", "fitter CPU ms/fit", "workers CPU ms/fit",
+               "all CPU ms/fit", "CPU eff")
 
-    info = machine_info()
-    print(header("bench_service (issue #5): stratafit run end to end", info))
-    print("mode: " + ("batched (STRATAFIT_BATCHED=1; fitter side: fitting.fit_many)" if args.batched
-                      else "per stratum (fitting.fit)"))
-    try:
-        import fitting  # noqa: F401
-        from service import cli  # noqa: F401
 
-        fitting.fit  # noqa: B018
-    except Exception as e:
-        print(f"service or fitter not available ({type(e).__name__}: {e}); nothing to measure")
-        write_json("bench_service", {"benchmark": "bench_service", "machine": info,
-                                     "error": f"{type(e).__name__}: {e}"})
-        return 1
-
-    workdir = OUT_DIR / "service-runs" if args.keep else Path(tempfile.mkdtemp(prefix="stratafit-bench-svc-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    runs, fitter, data = [], {}, {}
-    try:
-        for n in sizes:
-            d = dataset(n, args.rows_per_stratum)
-            data[n] = d
-            print(f"dataset {n} strata: {d.get('n_rows')} rows, {d.get('bytes', 0) / 2**20:.1f} MiB "
-                  f"({d['writer']}), {d['formula']} by {d['strata_columns']}", flush=True)
-            spec = write_spec(d, workdir)
-            for w in workers:
-                r = run_service(spec, n, w, workdir, args.timeout, batched=args.batched)
-                runs.append(r)
-                print(f"  run {n} strata, {w} worker(s): exit {r['exit_code']}, {r['wall_s']:.1f} s, "
-                      f"status {r.get('job_status')}, peak RSS {r['coordinator_peak_rss_mb']} MB",
-                      file=sys.stderr, flush=True)
-                if r["exit_code"] != 0:
-                    print("    stderr:", " | ".join(r["stderr_tail"]), file=sys.stderr)
-            for w in workers:
-                if (n, w) not in fitter:
-                    fitter[(n, w)] = fitter_throughput(d, w, sample, batched=args.batched)
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-
+def analyse(runs: list, fitter: dict, sizes: list, workers: list) -> tuple[list, list, dict]:
+    """One round of runs and yardsticks -> (per-run rows, summary rows, summary dict)."""
     rows = []
     for r in runs:
         f = fitter.get((r["n_strata"], r["workers"]), {})
@@ -432,11 +384,6 @@ def main(argv=None) -> int:
             "-" if all_ms is None else f"{all_ms:.1f}",
             "-" if r["cpu_efficiency_total"] is None else f"{100 * r['cpu_efficiency_total']:.0f}%",
         ])
-    print()
-    print(table(["strata", "workers", "exit", "job", "wall s", "e2e fits/s", "job fits/s",
-                 "stream fits/s", "fitter fits/s", "e2e/fitter", "ms/fit in svc", "fit busy", "coord RSS MB",
-                 "workers RSS MB", "fitter CPU ms/fit", "workers CPU ms/fit",
-                 "all CPU ms/fit", "CPU eff"], rows, align="rrrlrrrrrrrrrrrrrr"))
 
     summary = {"speedup_2v1": {}, "rss_growth": None}
     srows = []
@@ -494,6 +441,13 @@ def main(argv=None) -> int:
             summary["steady_speedup_2v1"] = sp
             srows.append(["steady speedup 2 vs 1 workers (marginal fits/s)", fmt_ratio(sp), ">= 1.8",
                           check(sp, 1.8)])
+        f1, f2 = fitter.get((hi, 1), {}), fitter.get((hi, 2), {})
+        own = ratio(f2.get("fits_per_s"), f1.get("fits_per_s"))
+        if own is not None:
+            # what the cores give the fitter alone: two processes vs one (no service at all)
+            summary["fitter_speedup_2v1"] = own
+            srows.append(["the fitter's own 2 vs 1 processes (the cores' scaling)", fmt_ratio(own),
+                          "(info)", ""])
 
         peaks = {n: max((r["coordinator_peak_rss_mb"] or 0) for r in runs if r["n_strata"] == n) for n in (lo, hi)}
         g = ratio(peaks[hi], peaks[lo])
@@ -515,12 +469,143 @@ def main(argv=None) -> int:
     if ceffs:
         srows.append(["worst CPU efficiency (fitter CPU / service CPU per fit)",
                       f"{100 * min(ceffs):.0f}%", "(info)", ""])
-    print()
-    print(table(["measure", "value", "target", "check"], srows, align="lrrl"))
+    return rows, srows, summary
 
+
+def _median(values: list) -> float | None:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    m = len(vals) // 2
+    return vals[m] if len(vals) % 2 else 0.5 * (vals[m - 1] + vals[m])
+
+
+def median_summary(summaries: list[dict], workers: list) -> dict:
+    """The median over rounds of each headline measure, with every round's value.
+
+    Targets are judged on the median: on a shared VM one round's ratio moves by 10-20%
+    with the machine's speed, and the median of interleaved rounds is the honest figure
+    (every round is printed next to it).
+    """
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.0f}%"
+
+    def x(v):
+        return fmt_ratio(v)
+
+    measures = [("steady speedup 2 vs 1 workers", lambda s: s.get("steady_speedup_2v1"), x, 1.8, True)]
+    for w in workers:
+        measures.append((f"steady e2e / fitter, {w} worker(s)",
+                         lambda s, w=w: (s.get("steady", {}).get(w) or {}).get("efficiency"), pct, 0.8, True))
+    for w in workers:
+        measures.append((f"steady CPU ms/fit, {w} worker(s): workers",
+                         lambda s, w=w: (s.get("steady", {}).get(w) or {}).get("workers_cpu_ms_per_fit"),
+                         lambda v: "-" if v is None else f"{v:.2f}", None, True))
+        measures.append((f"steady CPU ms/fit, {w} worker(s): coordinator",
+                         lambda s, w=w: (s.get("steady", {}).get(w) or {}).get("coordinator_cpu_ms_per_fit"),
+                         lambda v: "-" if v is None else f"{v:.2f}", None, True))
+    measures += [
+        ("the fitter's own 2 vs 1 processes", lambda s: s.get("fitter_speedup_2v1"), x, None, True),
+        ("coordinator peak RSS growth", lambda s: (s.get("rss_growth") or {}).get("ratio"), x, 1.25, False),
+    ]
+    rows, out = [], {}
+    for name, get, show, target, higher in measures:
+        vals = [get(s) for s in summaries]
+        m = _median(vals)
+        out[name] = {"median": m, "rounds": vals}
+        rows.append([name, show(m), ", ".join(show(v) for v in vals),
+                     "(info)" if target is None else (">= " if higher else "<= ") + (
+                         f"{100 * target:.0f}%" if show is pct else f"{target}"),
+                     "" if target is None else check(m, target, higher_is_better=higher)])
+    out["rows"] = rows
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="sizes 50,200; fitter sample 50")
+    ap.add_argument("--sizes", default=None, help="comma list of strata counts (default 200,2000)")
+    ap.add_argument("--workers", default="1,2", help="comma list of worker counts (default 1,2)")
+    ap.add_argument("--rows-per-stratum", type=int, default=2000)
+    ap.add_argument("--fitter-sample", type=int, default=None,
+                    help="strata sampled for the fitter's own throughput (default 500, quick 50; a second or more per process, as a shorter timing moves with the machine)")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="per run, seconds")
+    ap.add_argument("--keep", action="store_true", help="keep the SQLite stores (in benchmarks/out/service-runs)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of the whole measurement, interleaved; headline ratios are then "
+                         "the median over rounds (default 1)")
+    ap.add_argument("--batched", action="store_true",
+                    help="STRATAFIT_BATCHED=1 on the service; fitter side timed with fit_many")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in (args.sizes or ("50,200" if args.quick else "200,2000")).split(",")]
+    workers = [int(w) for w in args.workers.split(",")]
+    sample = args.fitter_sample or (50 if args.quick else 500)
+
+    info = machine_info()
+    print(header("bench_service (issue #5): stratafit run end to end", info))
+    print("mode: " + ("batched (STRATAFIT_BATCHED=1; fitter side: fitting.fit_many)" if args.batched
+                      else "per stratum (fitting.fit)"))
+    try:
+        import fitting  # noqa: F401
+        from service import cli  # noqa: F401
+
+        fitting.fit  # noqa: B018
+    except Exception as e:
+        print(f"service or fitter not available ({type(e).__name__}: {e}); nothing to measure")
+        write_json("bench_service", {"benchmark": "bench_service", "machine": info,
+                                     "error": f"{type(e).__name__}: {e}"})
+        return 1
+
+    workdir = OUT_DIR / "service-runs" if args.keep else Path(tempfile.mkdtemp(prefix="stratafit-bench-svc-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    data, specs, rounds = {}, {}, []
+    try:
+        for n in sizes:
+            d = dataset(n, args.rows_per_stratum)
+            data[n] = d
+            specs[n] = write_spec(d, workdir)
+            print(f"dataset {n} strata: {d.get('n_rows')} rows, {d.get('bytes', 0) / 2**20:.1f} MiB "
+                  f"({d['writer']}), {d['formula']} by {d['strata_columns']}", flush=True)
+        for k in range(args.repeat):
+            # one round: every size x worker count, each size's yardsticks right after its
+            # service runs, so a slow spell of the machine hits both sides of a ratio
+            runs, fitter = [], {}
+            for n in sizes:
+                for w in workers:
+                    r = run_service(specs[n], n, w, workdir, args.timeout, batched=args.batched)
+                    r["round"] = k + 1
+                    runs.append(r)
+                    print(f"  round {k + 1}: run {n} strata, {w} worker(s): exit {r['exit_code']}, "
+                          f"{r['wall_s']:.1f} s, status {r.get('job_status')}, "
+                          f"peak RSS {r['coordinator_peak_rss_mb']} MB", file=sys.stderr, flush=True)
+                    if r["exit_code"] != 0:
+                        print("    stderr:", " | ".join(r["stderr_tail"]), file=sys.stderr)
+                for w in workers:
+                    fitter[(n, w)] = fitter_throughput(data[n], w, sample, batched=args.batched)
+            rows, srows, summary = analyse(runs, fitter, sizes, workers)
+            rounds.append({"runs": runs, "fitter": fitter, "summary": summary})
+            title = f" (round {k + 1} of {args.repeat})" if args.repeat > 1 else ""
+            print(f"\nruns{title}")
+            print(table(list(RUN_HEADERS), rows, align="rrrlrrrrrrrrrrrrrr"))
+            print(f"\nsummary{title}")
+            print(table(["measure", "value", "target", "check"], srows, align="lrrl"))
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    medians = None
+    if len(rounds) > 1:
+        medians = median_summary([r["summary"] for r in rounds], workers)
+        print(f"\nmedian of {len(rounds)} rounds (each round's value in the rounds column; targets judged on the median)")
+        print(table(["measure", "median", "rounds", "target", "check"], medians["rows"], align="lrrrl"))
     payload = {"benchmark": "bench_service", "issue": 5, "machine": info, "args": vars(args),
-               "datasets": {str(k): v for k, v in data.items()}, "runs": runs,
-               "fitter": {f"{n}x{w}": v for (n, w), v in fitter.items()}, "summary": summary}
+               "datasets": {str(k): v for k, v in data.items()},
+               "rounds": [{"runs": r["runs"], "summary": r["summary"],
+                           "fitter": {f"{n}x{w}": v for (n, w), v in r["fitter"].items()}}
+                          for r in rounds],
+               "median": medians and {k: v for k, v in medians.items() if k != "rows"}}
     path = write_json("bench_service", payload)
     print(f"\nJSON: {path}")
     return 0
