@@ -63,6 +63,7 @@ import _common  # noqa: F401  (must come first: pins thread pools)
 import argparse
 import concurrent.futures as cf
 import json
+import multiprocessing as mp
 import os
 import shutil
 import subprocess
@@ -271,8 +272,8 @@ def _hive_frame(path: str):
     return df
 
 
-def _fitter_worker_batched(files: list[str], formula: str, family: str, by: list[str]
-                           ) -> tuple[int, float, int, float]:
+def _fitter_worker_batched(files: list[str], formula: str, family: str, by: list[str],
+                           barrier=None) -> tuple[int, float, int, float]:
     import _common  # noqa: F401  (thread pins in the child too)
     import warnings
 
@@ -282,6 +283,8 @@ def _fitter_worker_batched(files: list[str], formula: str, family: str, by: list
 
     data = pd.concat([_hive_frame(f) for f in files], ignore_index=True)  # not timed
     fitting.fit_many(formula, data[data[by[0]] == data[by[0]].iloc[0]], by=by, family=family)
+    if barrier is not None:
+        barrier.wait()  # every process starts timing together: all of them fit concurrently
     c0 = time.process_time()
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -291,7 +294,8 @@ def _fitter_worker_batched(files: list[str], formula: str, family: str, by: list
     return len(files), time.perf_counter() - t0, n_ok, time.process_time() - c0
 
 
-def _fitter_worker(files: list[str], formula: str, family: str) -> tuple[int, float, int]:
+def _fitter_worker(files: list[str], formula: str, family: str, barrier=None
+                   ) -> tuple[int, float, int, float]:
     import _common  # noqa: F401  (thread pins in the child too)
     import warnings
 
@@ -301,6 +305,8 @@ def _fitter_worker(files: list[str], formula: str, family: str) -> tuple[int, fl
 
     frames = [pq.read_table(f).to_pandas() for f in files]  # not timed
     fitting.fit(formula, frames[0], family=family)  # warm-up
+    if barrier is not None:
+        barrier.wait()
     n_ok = 0
     c0 = time.process_time()
     t0 = time.perf_counter()
@@ -321,14 +327,17 @@ def fitter_throughput(info: dict, workers: int, sample: int, batched: bool = Fal
         step = len(files) / sample
         files = [files[int(i * step)] for i in range(sample)]
     chunks = [files[i::workers] for i in range(workers)]
-    with cf.ProcessPoolExecutor(max_workers=workers) as ex:
+    # the processes load their strata (not timed) at different speeds; a barrier starts
+    # their timed loops together, so the summed rate is that of N processes running at once
+    with mp.Manager() as manager, cf.ProcessPoolExecutor(max_workers=workers) as ex:
+        barrier = [manager.Barrier(workers)] * workers if workers > 1 else [None]
         if batched:
             outs = list(ex.map(_fitter_worker_batched, chunks, [info["formula"]] * workers,
                                [info["family"]] * workers,
-                               [list(info["strata_columns"])] * workers))
+                               [list(info["strata_columns"])] * workers, barrier))
         else:
             outs = list(ex.map(_fitter_worker, chunks, [info["formula"]] * workers,
-                               [info["family"]] * workers))
+                               [info["family"]] * workers, barrier))
     rate = sum(n / t for n, t, _, _ in outs if t > 0)
     cpu = sum(c for _, _, _, c in outs)
     n_all = sum(n for n, _, _, _ in outs)
