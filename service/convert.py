@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 
 from fitting.errors import FittingError
 from storage.records import StratumResult
@@ -143,9 +145,24 @@ def _columns(frame: Any, columns: tuple[str, ...], rename: Mapping[str, str]
         elif plain and dtype.kind in "iub":
             out[c] = np.asarray(col).tolist()
         else:
-            lst = col.tolist()
+            lst = _text_list(col)
             out[c] = lst if set(map(type, lst)) <= _PLAIN_TEXT else [jsonable(v) for v in lst]
     return out
+
+
+def _text_list(col: Any) -> list:
+    """A non-numeric column's values as a list (missing text as ``None``).
+
+    Arrow-backed string arrays (pandas' default string dtype with pyarrow) convert
+    through Arrow, ~3x cheaper than their ``tolist`` (which iterates in Python); any
+    other array uses ``tolist``.
+    """
+    if isinstance(getattr(col, "dtype", None), pd.StringDtype) and hasattr(col, "__arrow_array__"):
+        try:
+            return pa.array(col).to_pylist()
+        except (pa.ArrowException, TypeError, ValueError):
+            pass
+    return col.tolist()
 
 
 def _record_dict(obj: Any) -> dict | None:

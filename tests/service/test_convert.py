@@ -121,6 +121,20 @@ def test_nan_becomes_none(glmm):
     assert p.coefficients[0][2] is None and p.coefficients[1][4] is None
 
 
+@pytest.mark.parametrize("dtype", ["str", "string[pyarrow]", "string[python]", object])
+def test_text_columns_missing_as_none_whatever_the_string_dtype(glmm, dtype):
+    # pandas 3 makes text columns Arrow-backed strings (converted through Arrow), older
+    # pandas or a caller's frame may hold object or Python-backed strings: same lists
+    ranef = glmm.ranef.copy()
+    levels = ranef["level"].astype(object).tolist()
+    levels[1] = None
+    ranef["level"] = pd.Series(levels, dtype=dtype)
+    r = to_stratum_result("k", dataclasses.replace(glmm, ranef=ranef))
+    assert r.ranef["level"] == levels
+    assert all(type(v) is str for i, v in enumerate(r.ranef["level"]) if i != 1)
+    _strict_json(r.ranef)
+
+
 def test_jsonable():
     value = {"a": float("nan"), "b": [np.inf, np.float64(1.5), np.int64(2)], 3: np.bool_(True),
              "c": (1, None), "d": np.array([1.0, np.nan]), "e": pd.NA}
