@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from storage import InvalidRecordError, StaleAttemptError, Store, StratumPlan, StratumResult
+from storage import InvalidRecordError, StaleAttemptError, StorageError, Store, StratumPlan
+from storage import StratumResult
 from storage.models import Coefficient, Fit, RandomEffect, VarianceComponent
 
 KEYS = ["region=north/year=2021", "region=north/year=2022", "region=south/year=2021",
@@ -300,3 +301,104 @@ def test_record_results_is_fenced_before_writing(store, running):
     with pytest.raises(StaleAttemptError):
         store.record_results(running.id, running.attempt + 1, [_result(KEYS[0])])
     assert _count(store, Fit) == 0
+
+
+# ---------------------------------------------------------------- driver-level inserts
+# (COPY on PostgreSQL, executemany on SQLite: the same rows must come back)
+
+AWKWARD = ["tab\there", "new\nline", "cr\rreturn", "back\\slash", "\\N", "\\\\N", "",
+           "quote ' and \"", "Zürich ∑ 😀", "end\\"]
+
+
+def test_awkward_text_and_extreme_numbers_round_trip(store, running):
+    r = _result(KEYS[0])
+    fit = {**r.fit, "formula": "y ~ x\t+ (1 | g)\n", "link": "\\N", "method": "",
+           "warnings": ["line 1\nline 2", "back\\slash \\N", "tab\t"],
+           "optinfo": {"message": "a\\b\n\"c\"",
+                       "values": [0.1 + 0.2, 5e-324, 1.7976931348623157e308]},
+           "loglik": 0.1 + 0.2, "aic": 5e-324, "bic": -1.7976931348623157e308, "nobs": 2**31 - 1,
+           "converged": False, "singular": True}
+    coefs = [{**r.coefficients[0], "term": t, "estimate": 1.0 / 3.0 + i}
+             for i, t in enumerate(AWKWARD)]
+    ranef = [{"grp": g, "level": lvl, "term": "(Intercept)", "mode": -0.0,
+              "cond_sd": 2.2250738585072014e-308}
+             for g in ("g\tx", "\\N") for lvl in AWKWARD]
+    res = StratumResult(r.key, "not_converged", fit=fit, coefficients=coefs,
+                        variance=r.variance, ranef=ranef)
+    store.record_results(running.id, running.attempt, [res])
+    fits = store.read_table(running.id, "fits")
+    row = fits.iloc[0]
+    assert (row["formula"], row["link"], row["method"]) == (fit["formula"], "\\N", "")
+    assert row["warnings"] == fit["warnings"] and row["optinfo"] == fit["optinfo"]
+    assert (row["loglik"], row["aic"], row["bic"]) == (0.1 + 0.2, 5e-324, -1.7976931348623157e308)
+    assert (row["nobs"], bool(row["converged"]), bool(row["singular"])) == (2**31 - 1, False, True)
+    co = store.read_table(running.id, "coefficients")
+    assert co["term"].tolist() == AWKWARD
+    assert co["estimate"].tolist() == [1.0 / 3.0 + i for i in range(len(AWKWARD))]
+    re = store.read_table(running.id, "ranef")
+    assert sorted(zip(re["grp"], re["level"])) == sorted((g, lvl) for g in ("g\tx", "\\N")
+                                                         for lvl in AWKWARD)
+    assert set(re["cond_sd"]) == {2.2250738585072014e-308} and re["mode"].eq(0.0).all()
+
+
+@pytest.mark.postgres
+def test_copy_error_raises_like_executemany(pg_url):
+    from storage.results import insert_rows
+
+    store = Store(pg_url)
+    store.upgrade()
+    engine = sa.create_engine(pg_url)
+    try:
+        with pytest.raises(sa.exc.IntegrityError, match="foreign key"):
+            with engine.begin() as conn:  # no fit 999999: the row breaks the foreign key
+                insert_rows(conn, RandomEffect.__table__,
+                            ("fit_id", "grp", "level", "term", "mode", "cond_sd"),
+                            [(999999, "g", "l", "(Intercept)", 1.0, 1.0)])
+        with engine.connect() as conn:  # the pool's connection is still usable
+            assert conn.execute(sa.select(sa.func.count()).select_from(RandomEffect)).scalar() == 0
+    finally:
+        engine.dispose()
+        store.dispose()
+
+
+@pytest.mark.postgres
+def test_connection_lost_during_copy_is_retried_without_duplicates(pg_url, monkeypatch):
+    import time
+
+    import psycopg
+
+    import storage.results as results
+
+    store = Store(pg_url)
+    store.upgrade()
+    try:
+        job, _ = store.submit_job(name="j", spec={}, spec_hash="h")
+        job = store.claim_job("w")
+        store.register_strata(job.id, job.attempt, _plans())
+        real = results._copy_rows
+        killed = []
+
+        def kill_then_copy(conn, table, columns, rows):
+            if not killed:  # the server drops this session before the first COPY
+                pid = conn.connection.driver_connection.info.backend_pid
+                admin_url = pg_url.replace("postgresql+psycopg", "postgresql")
+                with psycopg.connect(admin_url, autocommit=True) as admin:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s",
+                                        (pid,)).fetchone():
+                        time.sleep(0.01)
+                killed.append(pid)
+            return real(conn, table, columns, rows)
+
+        monkeypatch.setattr(results, "_copy_rows", kill_then_copy)
+        batch = [_result(k) for k in KEYS]
+        with pytest.raises(StorageError) as err:
+            store.record_results(job.id, job.attempt, batch)
+        cause = err.value.__cause__
+        assert isinstance(cause, sa.exc.OperationalError) and cause.connection_invalidated
+        assert killed and _count(store, Fit) == 0  # rolled back with the session
+        assert store.record_results(job.id, job.attempt, batch) == len(KEYS)  # the retry
+        assert _count(store, Fit) == len(KEYS) and _count(store, RandomEffect) == 6 * len(KEYS)
+        assert store.progress(job.id)["pending"] == 0
+    finally:
+        store.dispose()
