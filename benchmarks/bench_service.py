@@ -71,6 +71,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from _common import (OUT_DIR, REPO, check, fmt_ratio, header, machine_info, ratio, table,
@@ -177,12 +178,45 @@ class RssSampler(threading.Thread):
             self.stop_evt.wait(self.interval)
 
 
+def _pg_admin(admin_url: str, statement: str, name: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(sql.SQL(statement).format(sql.Identifier(name)))
+
+
+def _pg_store(admin_url: str) -> str:
+    """A fresh database on the server of ``admin_url``; its SQLAlchemy URL."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from storage import Store
+
+    name = f"stratafit_bench_{uuid.uuid4().hex[:8]}"
+    _pg_admin(admin_url, "CREATE DATABASE {}", name)
+    parts = urlsplit(admin_url)
+    url = urlunsplit(parts._replace(scheme="postgresql+psycopg", path=f"/{name}"))
+    with Store(url) as store:  # `stratafit db upgrade`: PostgreSQL schemas are not implicit
+        store.upgrade()
+    return url
+
+
 def run_service(spec: Path, n_strata: int, workers: int, workdir: Path, timeout: float,
-                batched: bool = False) -> dict:
+                batched: bool = False, pg: str | None = None) -> dict:
+    if pg:
+        url = _pg_store(pg)
+        try:
+            return _run_service(spec, n_strata, workers, url, workdir, timeout, batched)
+        finally:
+            _pg_admin(pg, "DROP DATABASE IF EXISTS {} WITH (FORCE)", url.rsplit("/", 1)[1])
     db = workdir / f"store-{n_strata}-{workers}.db"
     if db.exists():
         db.unlink()
-    url = f"sqlite:///{db}"
+    return _run_service(spec, n_strata, workers, f"sqlite:///{db}", workdir, timeout, batched)
+
+
+def _run_service(spec: Path, n_strata: int, workers: int, url: str, workdir: Path,
+                 timeout: float, batched: bool) -> dict:
     cmd = [sys.executable, "-c", WRAPPER, "run", str(spec), "--workers", str(workers),
            "--store", url, "--no-progress"]
     env = dict(os.environ)
@@ -547,6 +581,10 @@ def main(argv=None) -> int:
                          "the median over rounds (default 1)")
     ap.add_argument("--batched", action="store_true",
                     help="STRATAFIT_BATCHED=1 on the service; fitter side timed with fit_many")
+    ap.add_argument("--pg", default=None, metavar="ADMIN_URL",
+                    help="store each run in a fresh PostgreSQL database created (and dropped) "
+                         "through ADMIN_URL, e.g. postgresql://postgres@127.0.0.1:5432/test "
+                         "(default: a SQLite file per run)")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("50,200" if args.quick else "200,2000")).split(",")]
     workers = [int(w) for w in args.workers.split(",")]
@@ -556,6 +594,8 @@ def main(argv=None) -> int:
     print(header("bench_service (issue #5): stratafit run end to end", info))
     print("mode: " + ("batched (STRATAFIT_BATCHED=1; fitter side: fitting.fit_many)" if args.batched
                       else "per stratum (fitting.fit)"))
+    print("store: " + (f"PostgreSQL, a new database per run on {args.pg}" if args.pg
+                       else "SQLite, a new file per run"))
     try:
         import fitting  # noqa: F401
         from service import cli  # noqa: F401
@@ -583,7 +623,8 @@ def main(argv=None) -> int:
             runs, fitter = [], {}
             for n in sizes:
                 for w in workers:
-                    r = run_service(specs[n], n, w, workdir, args.timeout, batched=args.batched)
+                    r = run_service(specs[n], n, w, workdir, args.timeout, batched=args.batched,
+                                    pg=args.pg)
                     r["round"] = k + 1
                     runs.append(r)
                     print(f"  round {k + 1}: run {n} strata, {w} worker(s): exit {r['exit_code']}, "
