@@ -126,7 +126,10 @@ def _columns(frame: Any, columns: tuple[str, ...], rename: Mapping[str, str]
     if frame is None or len(frame) == 0:
         return []
     source: dict[str, int] = {}
-    for i, name in enumerate(frame.columns):  # column-wise: one conversion per column
+    # the names through Arrow like the text columns (iterating a pandas 3 string Index
+    # costs ~4 us per frame, as much as converting two of its columns)
+    names = _text_list(getattr(frame.columns, "array", frame.columns))
+    for i, name in enumerate(names):  # column-wise: one conversion per column
         source.setdefault(rename.get(name, name), i)
     get = _column_getter(frame)
     out: dict[str, list] = {}
@@ -137,9 +140,9 @@ def _columns(frame: Any, columns: tuple[str, ...], rename: Mapping[str, str]
         dtype = col.dtype
         plain = isinstance(dtype, np.dtype)  # not a nullable extension dtype
         if plain and dtype.kind == "f":  # finite floats as they are, NaN/inf → None
-            vals = np.asarray(col, dtype=float)
-            lst = vals.tolist()
-            if not np.isfinite(vals).all():
+            lst = np.asarray(col, dtype=float).tolist()
+            total = sum(lst)
+            if total - total != 0.0:  # a NaN or inf somewhere (or a sum that overflowed)
                 lst = [v if math.isfinite(v) else None for v in lst]
             out[c] = lst
         elif plain and dtype.kind in "iub":

@@ -121,6 +121,26 @@ def test_nan_becomes_none(glmm):
     assert p.coefficients[0][2] is None and p.coefficients[1][4] is None
 
 
+def test_huge_finite_floats_are_kept_and_non_finite_dropped(glmm):
+    # the finiteness check sums a column: a sum that overflows must not drop finite values
+    fixed = glmm.fixed.copy()
+    fixed["estimate"] = [1e308, 1e308, -1e308, 5e-324][: len(fixed)]
+    fixed["conf_high"] = [1e308, np.nan, np.inf, -np.inf][: len(fixed)]
+    r = to_stratum_result("k", dataclasses.replace(glmm, fixed=fixed))
+    assert r.coefficients["estimate"] == fixed["estimate"].tolist()
+    assert r.coefficients["conf_high"] == [1e308, None, None, None][: len(fixed)]
+    _strict_json(r.coefficients)
+
+
+@pytest.mark.parametrize("index", ["str", object])
+def test_column_names_of_any_index_dtype(glmm, index):
+    fixed = glmm.fixed.copy()
+    fixed.columns = pd.Index(list(fixed.columns), dtype=index)
+    r = to_stratum_result("k", dataclasses.replace(glmm, fixed=fixed))
+    assert r.coefficients == to_stratum_result("k", glmm).coefficients
+    assert r.coefficients["term"] == glmm.fixed["term"].tolist()
+
+
 @pytest.mark.parametrize("dtype", ["str", "string[pyarrow]", "string[python]", object])
 def test_text_columns_missing_as_none_whatever_the_string_dtype(glmm, dtype):
     # pandas 3 makes text columns Arrow-backed strings (converted through Arrow), older
