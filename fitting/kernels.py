@@ -18,6 +18,7 @@ Functions
 warm             compile or load every kernel once (deployment images run it at build time)
 z_times          ``ZΛ u`` from the own-entry rows ``V`` (n, K) and columns ``cit`` (K, n)
 zt_times         ``Λ'Z' v`` for a vector ``v`` (n,)
+zt_times_matrix  ``Λ'Z' M`` for a matrix ``M`` (n, c), every column in one pass
 weighted_buffer  ``V[:, a] W V[:, b]`` summed into buffer targets, for own-entry pairs (a, b)
 factor_dense1    the factor of a dense-rest level with ``k1 = 1`` (leading, cross, Schur complement)
 inverse_dense1   ``A⁻¹`` on the pattern of such a level
@@ -37,7 +38,7 @@ import os
 
 import numpy as np
 
-__all__ = ["enabled", "warm", "z_times", "zt_times", "weighted_buffer", "own_products", "gradient_rows",
+__all__ = ["enabled", "warm", "z_times", "zt_times", "zt_times_matrix", "weighted_buffer", "own_products", "gradient_rows",
            "factor_dense1", "inverse_dense1", "solve_dense1", "logit_response", "exp_neg_abs"]
 
 _EPS = float(np.finfo(float).eps)
@@ -134,6 +135,19 @@ def _build():
         for a in range(K):
             for i in range(n):
                 out[cit[a, i]] += V[i, a] * v[i]
+        return out
+
+    @njit(cache=True, nogil=True)
+    def zt_times_matrix(V, cit, M, q):
+        n, K = V.shape
+        c = M.shape[1]
+        out = np.zeros((q, c))
+        for a in range(K):
+            for i in range(n):
+                row = cit[a, i]
+                v = V[i, a]
+                for j in range(c):
+                    out[row, j] += v * M[i, j]
         return out
 
     @njit(cache=True, nogil=True)
@@ -363,7 +377,7 @@ def _build():
     return SimpleNamespace(factor_dense1=factor_dense1, inverse_dense1=inverse_dense1, z_times=z_times, zt_times=zt_times, weighted_buffer=weighted_buffer,
                            logit_finish=logit_finish, own_products=own_products,
                            gradient_rows=gradient_rows, exp_neg_abs=exp_neg_abs,
-                           solve_dense1=solve_dense1)
+                           solve_dense1=solve_dense1, zt_times_matrix=zt_times_matrix)
 
 
 # ----------------------------------------------------------------------------- API
@@ -394,6 +408,19 @@ def zt_times(V: np.ndarray, cit: np.ndarray, v: np.ndarray, q: int) -> np.ndarra
         return jit.zt_times(V, cit, v, q)
     Vv = np.asfortranarray(V * v[:, None])
     return np.bincount(cit.ravel(), Vv.ravel(order="F"), minlength=q)
+
+
+def zt_times_matrix(V: np.ndarray, cit: np.ndarray, M: np.ndarray, q: int) -> np.ndarray:
+    """``Λ'Z' M`` for a matrix ``M`` (n, c), shape (q, c): :func:`zt_times` of every column
+    in one pass over the observations (a CSR product cost ~3x as much on model (b))."""
+    jit = _jit()
+    if jit:
+        return jit.zt_times_matrix(V, cit, np.ascontiguousarray(M, dtype=float), q)
+    M = np.asarray(M, dtype=float)
+    out = np.empty((q, M.shape[1]))
+    for j in range(M.shape[1]):
+        out[:, j] = zt_times(V, cit, M[:, j], q)
+    return out
 
 
 def weighted_buffer(V: np.ndarray, W: np.ndarray, ab: np.ndarray, tgt_t: np.ndarray,

@@ -384,7 +384,9 @@ class Structure:
         return kernels.zt_times(V, self.col_index_t, v, self.q)
 
     def zt_times_matrix(self, V: np.ndarray, M: np.ndarray) -> np.ndarray:
-        """``Λ'Z' M`` for a matrix ``M`` (n, c), shape (q, c) (a CSR product)."""
+        """``Λ'Z' M`` for a matrix ``M`` (n, c), shape (q, c) (a CSR product when ``K = 1``)."""
+        if self.K > 1:
+            return kernels.zt_times_matrix(V, self.col_index_t, M, self.q)
         ZLt = sparse.csr_matrix((V.ravel()[self.ent_perm], self.ent_obs, self.ent_indptr),
                                 shape=(self.q, self.n))
         return np.asarray(ZLt @ M)

@@ -74,9 +74,12 @@ def test_structure_products_match_numpy(layout):
     st, V, u, W, _ = _pieces(LAYOUTS[layout])
     assert st.K > 1
     v = np.random.default_rng(1).normal(size=st.n)
-    got = (st.z_times(V, u), st.zt_times(V, v), linalg.weighted_buffer(st, V, W))
+    M = np.asfortranarray(np.random.default_rng(2).normal(size=(st.n, 3)))  # as W[:, None] * X
+    got = (st.z_times(V, u), st.zt_times(V, v), linalg.weighted_buffer(st, V, W),
+           st.zt_times_matrix(V, M))
     with numpy_twins():
-        want = (st.z_times(V, u), st.zt_times(V, v), linalg.weighted_buffer(st, V, W))
+        want = (st.z_times(V, u), st.zt_times(V, v), linalg.weighted_buffer(st, V, W),
+                st.zt_times_matrix(V, M))
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-13)
     # and against dense Z Λ
@@ -84,6 +87,8 @@ def test_structure_products_match_numpy(layout):
     np.add.at(ZL, (np.repeat(np.arange(st.n), st.K), st.col_index.ravel()), V.ravel())
     np.testing.assert_allclose(got[0], ZL @ u, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got[1], ZL.T @ v, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got[3], ZL.T @ M, rtol=1e-12, atol=1e-12)
+    assert got[3].shape == (st.q, 3) and st.zt_times_matrix(V, M[:, :0]).shape == (st.q, 0)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -309,7 +314,7 @@ def test_vector_term_fit_is_the_same_with_either_path():
 @needs_numba
 def test_warm_compiles_what_a_fit_uses():
     counts = kernels.warm()
-    used = {"z_times", "zt_times", "weighted_buffer", "logit_finish", "own_products",
+    used = {"z_times", "zt_times", "zt_times_matrix", "weighted_buffer", "logit_finish", "own_products",
             "gradient_rows", "factor_dense1", "inverse_dense1", "exp_neg_abs",
             "group_eta", "group_step", "group_derivatives"}
     assert used <= set(counts)
