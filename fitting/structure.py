@@ -24,7 +24,6 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import sparse
 
 from . import kernels
 from .design import ReTerm
@@ -314,11 +313,6 @@ class Structure:
     build_src: np.ndarray
     build_tgt: np.ndarray
     gather_tgt: np.ndarray  # (n, K, K)
-    # entries (obs, own column) sorted by column of u, for Λ'Z' M with M a matrix
-    ent_perm: np.ndarray
-    ent_obs: np.ndarray
-    ent_starts: np.ndarray
-    ent_indptr: np.ndarray
     # θ
     ntheta: int
     theta_lower: np.ndarray
@@ -384,12 +378,19 @@ class Structure:
         return kernels.zt_times(V, self.col_index_t, v, self.q)
 
     def zt_times_matrix(self, V: np.ndarray, M: np.ndarray) -> np.ndarray:
-        """``Λ'Z' M`` for a matrix ``M`` (n, c), shape (q, c) (a CSR product when ``K = 1``)."""
+        """``Λ'Z' M`` for a matrix ``M`` (n, c), shape (q, c).
+
+        One ``bincount`` per column when ``K = 1`` (~0.6x the CSR product this replaced:
+        70 against 112 us for 4 columns of 8,700 rows, the same numbers), the compiled
+        one-pass kernel otherwise.
+        """
         if self.K > 1:
             return kernels.zt_times_matrix(V, self.col_index_t, M, self.q)
-        ZLt = sparse.csr_matrix((V.ravel()[self.ent_perm], self.ent_obs, self.ent_indptr),
-                                shape=(self.q, self.n))
-        return np.asarray(ZLt @ M)
+        v, cols = V[:, 0], self.col_index[:, 0]
+        out = np.empty((self.q, M.shape[1]))
+        for j in range(M.shape[1]):
+            out[:, j] = np.bincount(cols, v * M[:, j], minlength=self.q)
+        return out
 
 
 #: largest key range handled by a dense mask / lookup table instead of sorting
@@ -507,13 +508,6 @@ def build_structure(re_terms: tuple[ReTerm, ...], n: int) -> Structure:
                                                                  col_index[:, kb])
     keep = ~upper & (gather >= 0)  # the entries A is built from (lower cross block once)
 
-    # ---- entries sorted by column of u
-    flat_cols = col_index.ravel()
-    ent_perm = _stable_argsort(flat_cols, q)
-    ent_obs = ent_perm // K
-    cnt_c = np.bincount(flat_cols, minlength=q)
-    ent_starts = np.concatenate([[0], np.cumsum(cnt_c)[:-1]])
-
     # build of A by own-entry pairs (a, b): regular when every observation keeps the same
     # pairs (it does: what is kept depends only on the terms of a and b)
     kept = keep.all(axis=0).ravel()
@@ -532,8 +526,6 @@ def build_structure(re_terms: tuple[ReTerm, ...], n: int) -> Structure:
     return Structure(
         n=n, q=q, K=K, terms=tuple(terms), col_index=_ro(col_index), term_cols=tuple(term_cols),
         level=level, build_src=_ro(build_src), build_tgt=_ro(build_tgt), gather_tgt=_ro(gather),
-        ent_perm=_ro(ent_perm), ent_obs=_ro(ent_obs), ent_starts=_ro(ent_starts),
-        ent_indptr=_ro(np.append(ent_starts, ent_perm.size)),
         ntheta=toff, theta_lower=_ro(np.array(lower)), theta_names=tuple(names),
         diag_theta=_ro(np.array(diag, dtype=bool)),
         col_index_t=_ro(col_index.T), build_ab=None if build_ab is None else _ro(build_ab),

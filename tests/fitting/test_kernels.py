@@ -91,6 +91,16 @@ def test_structure_products_match_numpy(layout):
     assert got[3].shape == (st.q, 3) and st.zt_times_matrix(V, M[:, :0]).shape == (st.q, 0)
 
 
+def test_one_term_zt_times_matrix_matches_dense():
+    st, V, _, _, _ = _pieces("y ~ x + (1 | a)")  # K = 1: bincounts, no kernel
+    assert st.K == 1
+    M = np.asfortranarray(np.random.default_rng(4).normal(size=(st.n, 3)))
+    ZL = np.zeros((st.n, st.q))
+    ZL[np.arange(st.n), st.col_index[:, 0]] = V[:, 0]
+    np.testing.assert_allclose(st.zt_times_matrix(V, M), ZL.T @ M, rtol=1e-12, atol=1e-12)
+    assert st.zt_times_matrix(V, M[:, :0]).shape == (st.q, 0)
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_factor_and_inverse_match_numpy_and_dense(layout):
     st, V, u, W, _ = _pieces(LAYOUTS[layout])
