@@ -128,7 +128,7 @@ def _columns(frame: Any, columns: tuple[str, ...], rename: Mapping[str, str]
     source: dict[str, int] = {}
     # the names through Arrow like the text columns (iterating a pandas 3 string Index
     # costs ~4 us per frame, as much as converting two of its columns)
-    names = _text_list(getattr(frame.columns, "array", frame.columns))
+    names = _text_list(frame.columns.array)
     for i, name in enumerate(names):  # column-wise: one conversion per column
         source.setdefault(rename.get(name, name), i)
     get = _column_getter(frame)
