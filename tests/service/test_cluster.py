@@ -54,6 +54,23 @@ def test_start_method_prefers_a_fork_server(monkeypatch):
         assert cluster.start_method() == "fork"
 
 
+def test_worker_config_slows_the_idle_callbacks_but_keeps_the_users_values(monkeypatch):
+    import dask
+
+    monkeypatch.delenv(cluster.PROFILE_ENV, raising=False)
+    assert cluster.worker_config() == {"distributed.admin.tick.interval": "200ms",
+                                       "distributed.worker.memory.monitor-interval": "500ms",
+                                       "distributed.admin.system-monitor.interval": "2s",
+                                       "distributed.worker.profile.enabled": False}
+    mine = {"distributed.admin.tick.interval": "50ms",
+            "distributed.worker.memory.monitor-interval": "1s",
+            "distributed.admin.system-monitor.interval": "250ms"}
+    with dask.config.set(mine):
+        assert cluster.worker_config() == {"distributed.worker.profile.enabled": False}
+    monkeypatch.setenv(cluster.PROFILE_ENV, "1")
+    assert "distributed.worker.profile.enabled" not in cluster.worker_config()
+
+
 PROBE = textwrap.dedent("""
     import json, os, sys
 
@@ -61,7 +78,12 @@ PROBE = textwrap.dedent("""
 
     def probe():
         import multiprocessing, os, threadpoolctl
+        import dask
         return {"method": multiprocessing.get_start_method(allow_none=True),
+                "config": {k: dask.config.get(k) for k in ("distributed.admin.tick.interval",
+                                                           "distributed.worker.memory.monitor-interval",
+                                                           "distributed.admin.system-monitor.interval",
+                                                           "distributed.worker.profile.enabled")},
                 "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                        "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")},
                 "blas_threads": sorted({i["num_threads"] for i in threadpoolctl.threadpool_info()})}
@@ -95,3 +117,7 @@ def test_local_workers_start_with_the_pre_spawn_environment(tmp_path):
         assert w["method"] == cluster.start_method()
         assert w["env"] == {k: wanted[k] for k in w["env"]}
         assert w["blas_threads"] == [1]
+        assert w["config"] == {"distributed.admin.tick.interval": "200ms",
+                               "distributed.worker.memory.monitor-interval": "500ms",
+                               "distributed.admin.system-monitor.interval": "2s",
+                               "distributed.worker.profile.enabled": False}
