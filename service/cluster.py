@@ -162,8 +162,8 @@ def worker_config() -> dict:
     pausing and the nanny's memory limit act on) and the system monitor
     (``distributed.admin.system-monitor.interval``, 500 ms: CPU, memory and network
     counters for the dashboard's graphs). At 500 ms and 2 s they cost, on an idle
-    2-worker cluster, 12-13 instead of 21-23 ms of coordinator CPU per second and
-    2.5-3.8 instead of 6-10 ms per worker (8 s idle, 2 runs each). A stratum's task
+    2-worker cluster, 11-12.5 instead of 19-23 ms of coordinator CPU per second and
+    2.5-6.3 instead of 6-10 ms per worker (8 s idle, 4 runs each). A stratum's task
     holds ~20,000 rows, so a half-second view of its memory is enough for the limits.
 
     A value the user configured (anything other than Dask's default) is kept.
