@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import dask
 import distributed
@@ -234,13 +234,45 @@ def start_method() -> str:
     return method
 
 
+def preload_fork_server(modules: Sequence[str] = PRELOAD_MODULES) -> list[str]:
+    """Add ``modules`` to what the fork server imports before it forks a worker.
+
+    Call with ``forkserver`` configured as the start method, before the server starts
+    (its first worker). Dask sets the server's list once per process (``distributed``,
+    numpy, pandas...); the worker code and the fitter (:data:`PRELOAD_MODULES`: scipy,
+    pyarrow.dataset, the fitting modules) are appended, so each forked worker has them
+    already instead of importing them itself (~0.35-0.45 s wall, 0.45-0.55 s CPU per
+    worker, measured after Dask's list). A module the server cannot import is skipped
+    there (multiprocessing ignores an ImportError) and imported by the worker's
+    :class:`PreloadPlugin` as before. A server already running keeps its list.
+
+    Returns
+    -------
+    list of str
+        The fork server's preload list as now set.
+    """
+    import multiprocessing.forkserver as mpfs
+
+    from distributed.utils import get_mp_context
+
+    get_mp_context()  # Dask's own list first (set once per process, at the first call)
+    server = getattr(mpfs, "_forkserver", None)
+    current = list(getattr(server, "_preload_modules", None) or ["distributed"])
+    wanted = current + [m for m in modules if m not in current]
+    mpfs.set_forkserver_preload(wanted)
+    return wanted
+
+
 def _local_cluster(n_workers: int | None) -> distributed.LocalCluster:
     n = int(n_workers or os.cpu_count() or 1)
     if n < 1:
         raise ClusterUnavailable(f"--workers must be >= 1, got {n}")
     environ = worker_environ()
+    method = start_method()
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, **worker_config(),
-                          "distributed.worker.multiprocessing-method": start_method()}):
+                          "distributed.worker.multiprocessing-method": method}):
+        if method == "forkserver":
+            preload_fork_server()
         return distributed.LocalCluster(
             n_workers=n,
             threads_per_worker=1,

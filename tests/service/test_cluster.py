@@ -90,13 +90,17 @@ PROBE = textwrap.dedent("""
 
     if __name__ == "__main__":
         with connect(None, 2) as client:
-            print(json.dumps(list(client.run(probe).values())))
+            import multiprocessing.forkserver as mpfs
+            server = getattr(mpfs, "_forkserver", None)
+            print(json.dumps({"workers": list(client.run(probe).values()),
+                              "preload": list(getattr(server, "_preload_modules", None) or [])}))
 """)
 
 
 def test_local_workers_start_with_the_pre_spawn_environment(tmp_path):
-    """Forked from a fork server or spawned, every local worker has one BLAS thread and the
-    allocator settings of ``worker_environ`` (set before the server or worker starts)."""
+    """Forked from a fork server or spawned, every local worker has one BLAS thread, the
+    allocator settings of ``worker_environ`` (set before the server or worker starts) and
+    the Dask settings of ``worker_config``; a fork server preloads the worker modules."""
     import json
 
     import os
@@ -110,8 +114,12 @@ def test_local_workers_start_with_the_pre_spawn_environment(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180,
                          cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
-    workers = json.loads(out.stdout.strip().splitlines()[-1])
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    workers = answer["workers"]
     assert len(workers) == 2
+    if cluster.start_method() == "forkserver":  # the server imports the fitter once for all workers
+        assert "distributed" in answer["preload"]
+        assert set(cluster.PRELOAD_MODULES) <= set(answer["preload"])
     wanted = {**cluster.BLAS_ENV, **cluster.ALLOCATOR_ENV}
     for w in workers:
         assert w["method"] == cluster.start_method()
